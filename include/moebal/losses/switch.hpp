@@ -1,0 +1,455 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// @file
+/// The Switch Transformer load-balancing loss, L = a N sum_i f_i P_i, in each framework's
+/// convention, with its analytic gradient.
+///
+/// Notation (T real tokens, N experts, logits x of shape T x N, rows are tokens):
+///   q_t   = score(x_t): softmax (default) or normalized sigmoid, see `ScoreFunction`
+///   top-k = the k experts with the largest q_ti; ties go to the lower expert index
+///   c_i   = number of tokens whose top-k contains i (sum_i c_i = T k)
+///   P_i   = (1/T) sum_t q_ti
+///   f_i   = the convention's load fraction (below); a constant for the gradient
+///   L     = a N sum_i f_i P_i
+///   d L / d q_tj = a N f_j / T, so
+///   d L / d x_tj = (a N / T) q_tj (f_j - sum_i f_i q_ti)                      (softmax)
+///                = (a N / T) s_tj (1 - s_tj) / (sum_i s_ti + 1e-20) (f_j - sum_i f_i q_ti)
+///                                                                  (sigmoid, s = sigmoid(x))
+/// With a mask, every sum over tokens runs over real tokens only, T is their count, padded rows
+/// are never read and get zero gradient.
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "moebal/core/error.hpp"
+#include "moebal/core/statistics.hpp"
+#include "moebal/core/types.hpp"
+#include "moebal/detail/input.hpp"
+#include "moebal/detail/reduce.hpp"
+#include "moebal/detail/score_kernels.hpp"
+#include "moebal/detail/topk_kernels.hpp"
+
+namespace moebal {
+
+/// How the Switch loss counts the load fraction f_i. Each is named after its source.
+enum class SwitchConvention {
+  /// f_i = c_i / (T k): top-k counts, sum_i f_i = 1, balanced value 1 (times a).
+  /// Megatron-core `switch_load_balancing_loss_func` (f sums to 1 over the top-k slots).
+  megatron,
+  /// f_i = c_i / T: top-k counts, sum_i f_i = k, balanced value k: k times `megatron`.
+  /// Hugging Face transformers `load_balancing_loss_func` (Mixtral, Qwen-MoE, OLMoE), whose
+  /// per-slot fractions are summed over the k slots; its `attention_mask` is our `mask`.
+  huggingface,
+  /// f_i = (number of tokens whose first choice is i) / T: sum_i f_i = 1, balanced value 1.
+  /// GShard, DeepSpeed `top1gating`/`top2gating`, Tutel and fairseq (l_aux = N^2 mean(me * ce)
+  /// with ce from the top-1 mask only).
+  first_choice,
+};
+
+/// "megatron", "huggingface" or "first_choice".
+inline const char* to_string(SwitchConvention convention) {
+  switch (convention) {
+    case SwitchConvention::megatron:
+      return "megatron";
+    case SwitchConvention::huggingface:
+      return "huggingface";
+    case SwitchConvention::first_choice:
+      return "first_choice";
+  }
+  return "unknown";
+}
+
+/// Options of the Switch loss.
+struct SwitchOptions {
+  /// How f is counted (default: Megatron-core, sum f = 1).
+  SwitchConvention convention = SwitchConvention::megatron;
+  /// Score function for P and for the top-k selection (default: softmax).
+  ScoreFunction score = ScoreFunction::softmax;
+  /// The coefficient a (Megatron `moe_aux_loss_coeff`, HF `router_aux_loss_coef`); must be
+  /// finite. The loss and its gradient are both scaled by it.
+  double coefficient = 1.0;
+  /// Padding mask, length T, nonzero = real token (a view: keep the memory alive for the
+  /// call). Used by `switch_aux_loss`; `SwitchAuxLoss` takes the mask per call in `forward`.
+  TokenMask mask{};
+};
+
+/// What the Switch loss measured on its batch.
+struct SwitchStats {
+  /// T: the number of real tokens.
+  std::int64_t tokens = 0;
+  /// c_i: tokens whose top-k contains expert i (sum = T k).
+  CountVector tokens_per_expert;
+  /// Tokens whose first choice is expert i (sum = T).
+  CountVector first_choice_tokens;
+  /// f_i in the chosen convention (all zero when T = 0).
+  Eigen::VectorXd f;
+  /// P_i = (1/T) sum_t q_ti (all zero when T = 0).
+  Eigen::VectorXd P;
+  /// The loss at perfect balance in this convention, coefficient included: a (megatron,
+  /// first_choice) or a k (huggingface). loss / balanced_value >= 1 measures imbalance only
+  /// approximately (P and f are not independent), but equals 1 at uniform scores and counts.
+  double balanced_value = 0.0;
+};
+
+/// Result of `switch_aux_loss`.
+template <class Scalar>
+struct SwitchAuxResult {
+  /// L = a N sum_i f_i P_i.
+  Scalar loss = Scalar(0);
+  /// d L / d logits, T x N row-major (zero rows for padded tokens).
+  RowMatrix<Scalar> grad;
+  /// Counts, f and P.
+  SwitchStats stats;
+};
+
+namespace detail {
+
+inline void check_switch_config(const char* function, Index num_experts, Index k,
+                                const SwitchOptions& options) {
+  if (num_experts < 1) {
+    throw_invalid(function, "num_experts", "at least 1 expert", concat(num_experts));
+  }
+  check_k(function, k, num_experts);
+  check_finite_parameter(function, "options.coefficient", options.coefficient);
+  switch (options.convention) {
+    case SwitchConvention::megatron:
+    case SwitchConvention::huggingface:
+    case SwitchConvention::first_choice:
+      break;
+    default:
+      throw_invalid(function, "options.convention", "megatron, huggingface or first_choice",
+                    concat(static_cast<int>(options.convention)));
+  }
+  if (options.score != ScoreFunction::softmax && options.score != ScoreFunction::sigmoid) {
+    throw_invalid(function, "options.score", "softmax or sigmoid",
+                  concat(static_cast<int>(options.score)));
+  }
+}
+
+/// Rows per accumulation chunk. Chunk partial sums are combined in chunk order, so sums do not
+/// depend on how chunks are later spread over threads.
+inline constexpr Index kSwitchChunkRows = 512;
+
+}  // namespace detail
+
+template <class Derived>
+SwitchAuxResult<typename Derived::Scalar> switch_aux_loss(const Eigen::MatrixBase<Derived>& logits,
+                                                          Index k,
+                                                          const SwitchOptions& options = {});
+
+/// The Switch load-balancing loss as a reusable object that allocates nothing in steady state
+/// (after the first call with the largest T). Two phases:
+///   forward:  one pass over the logits fills `statistics()` (counts, score sums, T) and keeps
+///             two numbers per token; returns L.
+///   backward: writes (or, `backward_accumulate`, adds) scale * d L / d logits into the
+///             caller's row-major T x N buffer, recomputing each row's scores from the logits.
+///   forward_backward: both in two passes, using the output buffer to hold the scores between
+///             them (the fastest form when the gradient is written, not accumulated).
+/// backward must be given the same logits as the last forward.
+///
+/// @tparam Scalar float or double: the logits' and the gradient's type. Sums over tokens are
+/// accumulated in double for both.
+template <class Scalar>
+class SwitchAuxLoss {
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::SwitchAuxLoss<Scalar>: Scalar must be float or double");
+
+ public:
+  /// @param num_experts N >= 1. @param k 1 <= k <= N.
+  /// @param options convention, score function and coefficient; `options.mask` must be empty
+  ///   (pass the mask to `forward`, since it changes with every batch).
+  /// @throws moebal::invalid_argument for N < 1, k out of range, a non-finite coefficient, or a
+  ///   mask in the options.
+  SwitchAuxLoss(Index num_experts, Index k, const SwitchOptions& options = {})
+      : SwitchAuxLoss("moebal::SwitchAuxLoss", num_experts, k, options) {}
+
+  Index num_experts() const noexcept { return num_experts_; }
+  Index k() const noexcept { return k_; }
+  const SwitchOptions& options() const noexcept { return options_; }
+
+  /// Phase 1: reads T x N logits (any Eigen dense expression of Scalar; row-major storage read
+  /// in place, column-major converted once per call), fills `statistics()`, returns L.
+  /// @param mask length T, nonzero = real token; empty = all real.
+  /// @throws moebal::invalid_argument for T = 0, a column count other than N, a mask of the
+  ///   wrong length or with NaN, NaN or +Inf in a real token's logits, or (softmax) a real
+  ///   token whose logits are all -Inf.
+  template <class Derived>
+  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+    assert_scalar<Derived>();
+    const detail::RowInput<Scalar> x(logits);
+    return forward_impl("moebal::SwitchAuxLoss::forward", x, mask, nullptr);
+  }
+
+  /// Phase 2: dloss_dlogits = scale * d L / d logits, every element written.
+  /// @param logits the logits of the last `forward`. @param dloss_dlogits T x N row-major.
+  /// @throws moebal::invalid_argument if no forward was run, the shapes differ from forward's.
+  template <class Derived>
+  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
+                Scalar scale = Scalar(1)) {
+    assert_scalar<Derived>();
+    const detail::RowInput<Scalar> x(logits);
+    backward_impl<false>("moebal::SwitchAuxLoss::backward", x, dloss_dlogits, scale);
+  }
+
+  /// Phase 2, accumulating: dloss_dlogits += scale * d L / d logits (padded rows untouched).
+  template <class Derived>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
+                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+    assert_scalar<Derived>();
+    const detail::RowInput<Scalar> x(logits);
+    backward_impl<true>("moebal::SwitchAuxLoss::backward_accumulate", x, dloss_dlogits, scale);
+  }
+
+  /// Both phases: returns L and writes dloss_dlogits = scale * d L / d logits.
+  template <class Derived>
+  Scalar forward_backward(const Eigen::MatrixBase<Derived>& logits,
+                          RowMatrixRef<Scalar> dloss_dlogits, const TokenMask& mask = {},
+                          Scalar scale = Scalar(1)) {
+    assert_scalar<Derived>();
+    const detail::RowInput<Scalar> x(logits);
+    return forward_backward_impl("moebal::SwitchAuxLoss::forward_backward", x, dloss_dlogits,
+                                 mask, scale);
+  }
+
+  /// L of the last forward.
+  Scalar loss() const noexcept { return static_cast<Scalar>(loss_); }
+
+  /// The batch sums of the last forward (T, c_i, first-choice counts, S_i).
+  const RoutingStatistics& statistics() const noexcept { return statistics_; }
+
+  /// Counts, f, P and the balanced value of the last forward.
+  SwitchStats stats() const {
+    SwitchStats s;
+    const double tokens = statistics_.tokens();
+    s.tokens = static_cast<std::int64_t>(tokens);
+    s.tokens_per_expert = statistics_.counts().template cast<std::int64_t>();
+    s.first_choice_tokens = statistics_.first_choice_counts().template cast<std::int64_t>();
+    s.f = f_;
+    s.P = tokens > 0 ? Eigen::VectorXd(statistics_.score_sums() / tokens)
+                     : Eigen::VectorXd::Zero(num_experts_);
+    s.balanced_value = options_.coefficient *
+                       (options_.convention == SwitchConvention::huggingface ? double(k_) : 1.0);
+    return s;
+  }
+
+ private:
+  template <class D>
+  friend SwitchAuxResult<typename D::Scalar> switch_aux_loss(const Eigen::MatrixBase<D>&, Index,
+                                                            const SwitchOptions&);
+
+  SwitchAuxLoss(const char* function, Index num_experts, Index k, const SwitchOptions& options)
+      : num_experts_(num_experts), k_(k), options_(options) {
+    detail::check_switch_config(function, num_experts, k, options);
+    if (!options.mask.empty()) {
+      detail::throw_invalid(function, "options.mask",
+                            "an empty mask (SwitchAuxLoss takes the mask in forward)",
+                            detail::concat("a mask of length ", options.mask.size()));
+    }
+    statistics_ = RoutingStatistics(num_experts);
+    f_ = Eigen::VectorXd::Zero(num_experts);
+    f_compute_.setZero(num_experts);
+    raw_.resize(num_experts);
+    scores_.resize(num_experts);
+    chunk_sums_.resize(num_experts);
+    selected_.resize(static_cast<std::size_t>(k));
+    topk_scratch_.resize(num_experts, k);
+  }
+
+  template <class Derived>
+  static constexpr void assert_scalar() {
+    static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
+                  "moebal::SwitchAuxLoss<Scalar> takes logits of the same Scalar: construct "
+                  "SwitchAuxLoss<float> for float logits and SwitchAuxLoss<double> for double");
+  }
+
+  void check_logits(const char* function, const detail::RowInput<Scalar>& x) const {
+    detail::check_logits_shape(function, x.rows(), x.cols());
+    if (x.cols() != num_experts_) {
+      detail::throw_invalid(function, "logits",
+                            detail::concat("N = ", num_experts_,
+                                           " expert columns (as constructed)"),
+                            detail::concat("shape ", detail::shape_string(x.rows(), x.cols())));
+    }
+  }
+
+  void check_output(const char* function, const RowMatrixRef<Scalar>& out) const {
+    detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), rows_,
+                               num_experts_);
+  }
+
+  // Phase 1. When `raw_out` is given, each real row's raw scores are left in it for phase 2.
+  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                      const TokenMask& mask, RowMatrixRef<Scalar>* raw_out) {
+    rows_ = -1;  // no valid forward until this one completes
+    check_logits(function, x);
+    detail::check_mask(function, mask, x.rows());
+    const Index rows = x.rows(), n = num_experts_;
+    norms_.resize(static_cast<std::size_t>(rows));
+    statistics_.clear();
+    double& tokens = statistics_.mutable_tokens();
+    auto counts = statistics_.mutable_counts();
+    auto first = statistics_.mutable_first_choice_counts();
+    auto sums = statistics_.mutable_score_sums();
+    for (Index begin = 0; begin < rows; begin += detail::kSwitchChunkRows) {
+      const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
+      chunk_sums_.setZero();
+      for (Index t = begin; t < end; ++t) {
+        detail::RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
+        if (!mask.is_real(t)) {
+          norm = detail::RowNorm<Scalar>{};  // inv == 0 marks padding; the row is never read
+          continue;
+        }
+        const Scalar* row = x.data() + t * x.outerStride();
+        if (!detail::raw_scores(row, n, options_.score, raw_, norm)) {
+          detail::throw_invalid_row(function, row, n, t, options_.score);
+        }
+        detail::scores_from_raw(raw_, norm, scores_);
+        detail::topk_row(scores_.data(), n, k_, selected_.data(), topk_scratch_);
+        for (Index s = 0; s < k_; ++s) counts[selected_[static_cast<std::size_t>(s)]] += 1.0;
+        first[selected_[0]] += 1.0;
+        chunk_sums_ += scores_.template cast<double>();
+        tokens += 1.0;
+        if (raw_out != nullptr) raw_out->row(t) = raw_.transpose().matrix();
+      }
+      sums += chunk_sums_.matrix();
+    }
+    update_f();
+    loss_ = tokens > 0 ? options_.coefficient * double(n) * f_.dot(sums) / tokens : 0.0;
+    rows_ = rows;
+    return static_cast<Scalar>(loss_);
+  }
+
+  // f_i from the counts in the chosen convention (see SwitchConvention).
+  void update_f() {
+    const double tokens = statistics_.tokens();
+    if (tokens <= 0) {
+      f_.setZero();
+    } else if (options_.convention == SwitchConvention::megatron) {
+      f_ = statistics_.counts() / (tokens * double(k_));
+    } else if (options_.convention == SwitchConvention::huggingface) {
+      f_ = statistics_.counts() / tokens;
+    } else {
+      f_ = statistics_.first_choice_counts() / tokens;
+    }
+    f_compute_ = f_.array().template cast<Scalar>();
+  }
+
+  // Phase 2 over every row. `raw_in_out`: phase 1 left each real row's raw scores in the
+  // output buffer (forward_backward); otherwise they are recomputed from the logits.
+  template <bool Accumulate>
+  void apply_rows(const char* function, const detail::RowInput<Scalar>& x,
+                  RowMatrixRef<Scalar>& out, Scalar scale, bool raw_in_out) {
+    const Index n = num_experts_;
+    const double tokens = statistics_.tokens();
+    const Scalar factor =
+        tokens > 0 ? static_cast<Scalar>(double(scale) * options_.coefficient * double(n) / tokens)
+                   : Scalar(0);
+    for (Index t = 0; t < rows_; ++t) {
+      const detail::RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
+      Scalar* dx = out.data() + t * out.outerStride();
+      if (norm.inv == Scalar(0)) {  // padded token
+        if constexpr (!Accumulate) std::fill(dx, dx + n, Scalar(0));
+        continue;
+      }
+      const Scalar* raw = dx;
+      if (!raw_in_out) {
+        detail::RowNorm<Scalar> again;
+        const Scalar* row = x.data() + t * x.outerStride();
+        if (!detail::raw_scores(row, n, options_.score, raw_, again)) {
+          detail::throw_invalid_row(function, row, n, t, options_.score);
+        }
+        raw = raw_.data();
+      }
+      const Scalar g_dot_q = detail::dot_with_scores(f_compute_.data(), raw, norm, n);
+      detail::score_vjp_row<Accumulate>(raw, norm, f_compute_.data(), g_dot_q, factor,
+                                        options_.score, n, dx);
+    }
+  }
+
+  template <bool Accumulate>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                     RowMatrixRef<Scalar>& out, Scalar scale) {
+    if (rows_ < 0) {
+      detail::throw_invalid(function, "logits", "the logits of a completed forward",
+                            "a call before any forward completed");
+    }
+    check_logits(function, x);
+    if (x.rows() != rows_) {
+      detail::throw_invalid(function, "logits",
+                            detail::concat("the T = ", rows_, " rows given to forward"),
+                            detail::concat("shape ", detail::shape_string(x.rows(), x.cols())));
+    }
+    check_output(function, out);
+    detail::check_finite_parameter(function, "scale", double(scale));
+    apply_rows<Accumulate>(function, x, out, scale, false);
+  }
+
+  Scalar forward_backward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                               RowMatrixRef<Scalar>& out, const TokenMask& mask, Scalar scale) {
+    detail::check_finite_parameter(function, "scale", double(scale));
+    detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(),
+                               x.cols());
+    const Scalar value = forward_impl(function, x, mask, &out);
+    apply_rows<false>(function, x, out, scale, true);
+    return value;
+  }
+
+  Index num_experts_;
+  Index k_;
+  SwitchOptions options_;
+  RoutingStatistics statistics_;
+  Eigen::VectorXd f_;                               // N, double
+  detail::ScratchArray<Scalar> f_compute_;          // N, f in the compute type
+  detail::ScratchArray<Scalar> raw_;                // N, one row's raw scores (aligned)
+  detail::ScratchArray<Scalar> scores_;             // N, one row's scores
+  Eigen::ArrayXd chunk_sums_;                       // N, one chunk's score sums
+  std::vector<Index> selected_;                     // k
+  detail::TopkScratch<Scalar> topk_scratch_;
+  std::vector<detail::RowNorm<Scalar>> norms_;      // T, per token; inv == 0 marks padding
+  Index rows_ = -1;                                 // T of the last completed forward
+  double loss_ = 0.0;
+};
+
+/// The Switch Transformer load-balancing loss and its gradient, in one call:
+///   L = a N sum_i f_i P_i,  P_i = (1/T) sum_t q_ti,  f_i per `options.convention`
+///   d L / d x_tj = (a N / T) q_tj (f_j - sum_i f_i q_ti)   (softmax; see the file comment
+///   for the sigmoid form). Counts are constants: no gradient flows through the selection.
+/// Conventions: Megatron-core (default, f = c / (T k)), Hugging Face transformers
+/// (f = c / T, k times Megatron), first choice (GShard/DeepSpeed/Tutel/fairseq, f from top-1).
+/// A batch whose mask has no real token gives L = 0, a zero gradient and zero f and P.
+///
+/// @param logits T x N router logits (rows are tokens, columns experts), float or double, any
+///   Eigen dense expression. Row-major storage with contiguous rows (an `Eigen::Map` over a
+///   PyTorch tensor) is read in place; column-major input is converted once.
+/// @param k experts selected per token, 1 <= k <= N.
+/// @param options convention, score function, coefficient a (default 1) and padding mask.
+/// @return loss, grad (T x N row-major, zero rows for padding) and stats (counts, f, P).
+/// @throws moebal::invalid_argument for T = 0 or N = 0, k out of range, a mask whose length
+///   is not T (or with NaN), a non-finite coefficient, a NaN or +Inf logit in a real token's
+///   row, or (softmax) a real token whose logits are all -Inf.
+template <class Derived>
+SwitchAuxResult<typename Derived::Scalar> switch_aux_loss(const Eigen::MatrixBase<Derived>& logits,
+                                                          Index k, const SwitchOptions& options) {
+  using Scalar = typename Derived::Scalar;
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::switch_aux_loss: logits must be float or double; cast other types "
+                "first, e.g. logits.template cast<float>()");
+  constexpr const char* function = "moebal::switch_aux_loss";
+  const detail::RowInput<Scalar> x(logits);
+  detail::check_logits_shape(function, x.rows(), x.cols());
+  SwitchOptions loss_options = options;
+  loss_options.mask = TokenMask{};
+  SwitchAuxLoss<Scalar> loss(function, x.cols(), k, loss_options);
+  SwitchAuxResult<Scalar> result;
+  result.grad.resize(x.rows(), x.cols());
+  RowMatrixRef<Scalar> grad(result.grad);
+  result.loss = loss.forward_backward_impl(function, x, grad, options.mask, Scalar(1));
+  result.stats = loss.stats();
+  return result;
+}
+
+}  // namespace moebal

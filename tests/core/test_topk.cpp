@@ -1,0 +1,93 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "moebal/core/topk.hpp"
+
+using moebal::Index;
+using moebal::IndexMatrix;
+using moebal::RowMatrix;
+
+namespace {
+
+// Independent reference: a stable sort of all indices by decreasing score.
+template <class T>
+std::vector<Index> reference_topk(const RowMatrix<T>& q, Index row, Index k) {
+  std::vector<Index> order(static_cast<std::size_t>(q.cols()));
+  std::iota(order.begin(), order.end(), Index(0));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](Index a, Index b) { return q(row, a) > q(row, b); });
+  order.resize(static_cast<std::size_t>(k));
+  return order;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("topk_indices: ties go to the lower expert index", "[topk]", float, double) {
+  using T = TestType;
+  RowMatrix<T> q(3, 5);
+  q << 1, 3, 3, 2, 3,   // three-way tie for first place
+       0, 0, 0, 0, 0,   // all equal
+       5, 4, 4, 4, 1;   // tie for the last slot
+  const IndexMatrix top = moebal::topk_indices(q, 2);
+  CHECK(top(0, 0) == 1);
+  CHECK(top(0, 1) == 2);
+  CHECK(top(1, 0) == 0);
+  CHECK(top(1, 1) == 1);
+  CHECK(top(2, 0) == 0);
+  CHECK(top(2, 1) == 1);
+  const IndexMatrix all = moebal::topk_indices(q, 5);
+  CHECK(all.row(0) == (Eigen::Matrix<Index, 1, 5>() << 1, 2, 4, 3, 0).finished());
+}
+
+TEMPLATE_TEST_CASE("topk_indices: matches a stable sort for small and large k", "[topk]", float,
+                   double) {
+  using T = TestType;
+  std::mt19937 engine(7);
+  std::uniform_int_distribution<int> level(0, 9);  // few distinct values: many ties
+  for (const Index n : {1, 5, 16, 40}) {
+    RowMatrix<T> q(20, n);
+    for (Index i = 0; i < q.size(); ++i) q.data()[i] = T(level(engine));
+    // k above 16 exercises the partial-sort path; below, the insertion path.
+    for (Index k = 1; k <= n; k += (n > 8 ? 3 : 1)) {
+      const IndexMatrix top = moebal::topk_indices(q, k);
+      for (Index t = 0; t < q.rows(); ++t) {
+        const std::vector<Index> expected = reference_topk(q, t, k);
+        for (Index s = 0; s < k; ++s) {
+          INFO("n = " << n << ", k = " << k << ", row " << t << ", slot " << s);
+          CHECK(top(t, s) == expected[static_cast<std::size_t>(s)]);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("topk_indices: infinities are ordered, column-major input works", "[topk]") {
+  const double inf = std::numeric_limits<double>::infinity();
+  Eigen::MatrixXd q(1, 4);  // column-major
+  q << -inf, 2, inf, 1;
+  const IndexMatrix top = moebal::topk_indices(q, 3);
+  CHECK(top(0, 0) == 2);
+  CHECK(top(0, 1) == 1);
+  CHECK(top(0, 2) == 3);
+}
+
+TEST_CASE("topk_indices: bad input", "[topk][errors]") {
+  RowMatrix<double> q = RowMatrix<double>::Zero(2, 4);
+  CHECK_THROWS_WITH(moebal::topk_indices(q, 0),
+                    "moebal::topk_indices: argument 'k': expected 1 <= k <= N, the number of "
+                    "experts (N = 4), got k = 0");
+  CHECK_THROWS_WITH(moebal::topk_indices(q, 5),
+                    "moebal::topk_indices: argument 'k': expected 1 <= k <= N, the number of "
+                    "experts (N = 4), got k = 5");
+  q(1, 3) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(moebal::topk_indices(q, 1),
+                    "moebal::topk_indices: argument 'scores': expected no NaN, got NaN at row 1, "
+                    "column 3");
+  CHECK_THROWS_AS(moebal::topk_indices(RowMatrix<double>(0, 4), 1), moebal::invalid_argument);
+}

@@ -1,0 +1,621 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "moebal/losses/switch.hpp"
+#include "moebal/core/scores.hpp"
+#include "moebal/testing/gradcheck.hpp"
+#include "support/matchers.hpp"
+
+using moebal::Index;
+using moebal::RowMatrix;
+using moebal::ScoreFunction;
+using moebal::SwitchConvention;
+using moebal::SwitchOptions;
+using moebal_test::as_double;
+using moebal_test::IsCloseTo;
+
+namespace {
+
+const SwitchConvention kConventions[] = {SwitchConvention::megatron,
+                                         SwitchConvention::huggingface,
+                                         SwitchConvention::first_choice};
+const ScoreFunction kScores[] = {ScoreFunction::softmax, ScoreFunction::sigmoid};
+
+RowMatrix<double> random_logits(Index rows, Index cols, double scale, unsigned seed) {
+  std::mt19937 engine(seed);
+  std::normal_distribution<double> normal(0.0, scale);
+  RowMatrix<double> x(rows, cols);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(engine);
+  return x;
+}
+
+template <class T>
+constexpr bool is_float() {
+  return std::is_same<T, float>::value;
+}
+
+SwitchOptions make_options(SwitchConvention convention, ScoreFunction score, double coefficient,
+                           const Eigen::VectorXi* mask = nullptr) {
+  SwitchOptions o;
+  o.convention = convention;
+  o.score = score;
+  o.coefficient = coefficient;
+  if (mask != nullptr) o.mask = moebal::TokenMask(*mask);
+  return o;
+}
+
+std::string describe(const SwitchOptions& o, Index k) {
+  return std::string(moebal::to_string(o.convention)) + "/" + moebal::to_string(o.score) +
+         "/k=" + std::to_string(k) + (o.mask.empty() ? "" : "/mask");
+}
+
+// The loss with the counts frozen at those of `stats` (counts are constants of the gradient by
+// definition): a N sum_i f_i P_i(z), P from moebal::scores over real rows. Used where the
+// selection is tied, so that central differences would otherwise cross a selection boundary.
+double loss_with_frozen_f(const RowMatrix<double>& z, const Eigen::VectorXd& f, double a,
+                          ScoreFunction score, const Eigen::VectorXi* mask) {
+  const RowMatrix<double> q = moebal::scores(z, score);
+  Eigen::VectorXd sums = Eigen::VectorXd::Zero(z.cols());
+  double tokens = 0;
+  for (Index t = 0; t < z.rows(); ++t) {
+    if (mask != nullptr && (*mask)[t] == 0) continue;
+    sums += q.row(t).transpose();
+    tokens += 1;
+  }
+  return a * double(z.cols()) * f.dot(sums) / tokens;
+}
+
+// Logits whose top-k has a margin of `margin` (>> the finite-difference step) between the
+// k-th and (k+1)-th expert, with experts otherwise close together.
+RowMatrix<double> near_tie_logits(Index rows, Index cols, Index k, double margin, unsigned seed) {
+  std::mt19937 engine(seed);
+  RowMatrix<double> x(rows, cols);
+  for (Index t = 0; t < rows; ++t) {
+    std::vector<Index> order(static_cast<std::size_t>(cols));
+    std::iota(order.begin(), order.end(), Index(0));
+    std::shuffle(order.begin(), order.end(), engine);
+    for (Index r = 0; r < cols; ++r) {
+      // Rank r gets 0.5 - r * margin: every adjacent pair, the k-th/k+1-th included, is
+      // `margin` apart.
+      x(t, order[static_cast<std::size_t>(r)]) = 0.5 - double(r) * margin;
+    }
+  }
+  (void)k;
+  return x;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Small cases derived by hand.
+
+TEMPLATE_TEST_CASE("switch_aux_loss: hand-derived values", "[loss][switch]", float, double) {
+  using T = TestType;
+  const double tol = is_float<T>() ? 1e-6 : 1e-15;
+
+  SECTION("uniform logits, top-1 ties all go to expert 0") {
+    // T = 2, N = 2, k = 1, p = (1/2, 1/2) for both tokens; ties -> expert 0, c = (2, 0).
+    // Megatron: f = c / (T k) = (1, 0), P = (1/2, 1/2), L = N sum f P = 2 * 1/2 = 1.
+    // grad_tj = (N/T) p_j (f_j - sum_i f_i p_i) = 1 * 1/2 * (f_j - 1/2) = (1/4, -1/4).
+    const RowMatrix<T> x = RowMatrix<T>::Zero(2, 2);
+    const auto r = moebal::switch_aux_loss(x, 1);
+    CHECK(r.loss == T(1));
+    CHECK(r.stats.tokens == 2);
+    CHECK(r.stats.tokens_per_expert[0] == 2);
+    CHECK(r.stats.tokens_per_expert[1] == 0);
+    RowMatrix<double> expected(2, 2);
+    expected << 0.25, -0.25, 0.25, -0.25;
+    CHECK_THAT(as_double(r.grad), IsCloseTo(expected, tol));
+  }
+
+  SECTION("balanced routing gives a zero gradient") {
+    // p_0 = (3/4, 1/4), p_1 = (1/4, 3/4); k = 1 picks experts 0 and 1: f = P = (1/2, 1/2),
+    // L = 2 (1/4 + 1/4) = 1 and f_j - sum_i f_i p_i = 1/2 - 1/2 = 0 everywhere.
+    RowMatrix<T> x(2, 2);
+    x << T(std::log(3.0)), T(0), T(0), T(std::log(3.0));
+    const auto r = moebal::switch_aux_loss(x, 1);
+    CHECK(std::abs(double(r.loss) - 1.0) <= tol);
+    CHECK_THAT(as_double(r.grad), IsCloseTo(RowMatrix<double>::Zero(2, 2), tol));
+  }
+
+  SECTION("one token, three conventions, a tie for the second slot") {
+    // x = (log 4, log 2, log 2): p = (1/2, 1/4, 1/4). Top-2 = {0, 1} (1 beats 2 on the tie),
+    // first choice 0. P = p, T = 1, N = 3.
+    //   megatron:     f = (1/2, 1/2, 0), L = 3 (1/4 + 1/8) = 9/8
+    //   huggingface:  f = (1, 1, 0),     L = 3 (1/2 + 1/4) = 9/4
+    //   first_choice: f = (1, 0, 0),     L = 3 (1/2)       = 3/2
+    // Megatron gradient: 3 p_j (f_j - 3/8) = (3/16, 3/32, -9/32).
+    RowMatrix<T> x(1, 3);
+    x << T(std::log(4.0)), T(std::log(2.0)), T(std::log(2.0));
+    SwitchOptions o;
+    const auto m = moebal::switch_aux_loss(x, 2, o);
+    CHECK(std::abs(double(m.loss) - 9.0 / 8) <= 2 * tol);
+    CHECK(m.stats.tokens_per_expert == (moebal::CountVector(3) << 1, 1, 0).finished());
+    CHECK(m.stats.first_choice_tokens == (moebal::CountVector(3) << 1, 0, 0).finished());
+    RowMatrix<double> expected(1, 3);
+    expected << 3.0 / 16, 3.0 / 32, -9.0 / 32;
+    CHECK_THAT(as_double(m.grad), IsCloseTo(expected, 2 * tol));
+    o.convention = SwitchConvention::huggingface;
+    CHECK(std::abs(double(moebal::switch_aux_loss(x, 2, o).loss) - 9.0 / 4) <= 4 * tol);
+    o.convention = SwitchConvention::first_choice;
+    CHECK(std::abs(double(moebal::switch_aux_loss(x, 2, o).loss) - 3.0 / 2) <= 2 * tol);
+  }
+
+  SECTION("normalized sigmoid, one token") {
+    // x = (0, 0): s = (1/2, 1/2), q = s / (1 + 1e-20) = (1/2, 1/2); k = 1 picks expert 0.
+    // L = 2 * (1 * 1/2) = 1. grad_j = (N/T) s_j (1 - s_j) / (sum s) (f_j - sum f q)
+    //                               = 2 * 1/4 / 1 * (f_j - 1/2) = (1/4, -1/4).
+    const RowMatrix<T> x = RowMatrix<T>::Zero(1, 2);
+    SwitchOptions o;
+    o.score = ScoreFunction::sigmoid;
+    const auto r = moebal::switch_aux_loss(x, 1, o);
+    CHECK(r.loss == T(1));
+    RowMatrix<double> expected(1, 2);
+    expected << 0.25, -0.25;
+    CHECK_THAT(as_double(r.grad), IsCloseTo(expected, tol));
+  }
+
+  SECTION("padding: rows are never read and get zero gradient") {
+    // The single-token case above with two padded rows holding NaN and +Inf.
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    RowMatrix<T> x(3, 3);
+    x << nan, T(1), T(2),
+         T(std::log(4.0)), T(std::log(2.0)), T(std::log(2.0)),
+         std::numeric_limits<T>::infinity(), T(0), T(0);
+    const Eigen::VectorXi mask = (Eigen::VectorXi(3) << 0, 1, 0).finished();
+    SwitchOptions o;
+    o.mask = moebal::TokenMask(mask);
+    o.coefficient = 0.5;
+    const auto r = moebal::switch_aux_loss(x, 2, o);
+    CHECK(std::abs(double(r.loss) - 0.5 * 9.0 / 8) <= 2 * tol);
+    CHECK(r.stats.tokens == 1);
+    RowMatrix<double> expected(3, 3);
+    expected << 0, 0, 0, 0.5 * 3.0 / 16, 0.5 * 3.0 / 32, -0.5 * 9.0 / 32, 0, 0, 0;
+    CHECK_THAT(as_double(r.grad), IsCloseTo(expected, 2 * tol));
+    CHECK(r.grad.row(0).isZero(0));
+    CHECK(r.grad.row(2).isZero(0));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradients against central differences, for every option and the five kinds of logits.
+
+TEST_CASE("switch_aux_loss: gradient matches central differences (double)",
+          "[loss][switch][grad]") {
+  struct Scenario {
+    const char* name;
+    RowMatrix<double> logits;
+    bool tied;  // the selection is tied: differentiate with the counts frozen
+  };
+  const Index rows = 9, cols = 6;
+  std::vector<Scenario> scenarios;
+  scenarios.push_back({"uniform logits", RowMatrix<double>::Constant(rows, cols, 0.3), true});
+  scenarios.push_back({"near ties (margin 1e-3, step 1e-6)",
+                       near_tie_logits(rows, cols, 2, 1e-3, 21), false});
+  scenarios.push_back({"saturated one-hot routing", random_logits(rows, cols, 12.0, 22), false});
+  {
+    RowMatrix<double> x = random_logits(rows, cols, 1.0, 23);
+    x.col(4).array() -= 8.0;  // expert 4 gets no token
+    scenarios.push_back({"an expert with no tokens", x, false});
+  }
+  scenarios.push_back({"random logits", random_logits(rows, cols, 1.5, 24), false});
+
+  const Eigen::VectorXi mask = (Eigen::VectorXi(rows) << 1, 0, 1, 1, 0, 1, 1, 1, 0).finished();
+  for (const auto& scenario : scenarios) {
+    for (const auto convention : kConventions) {
+      for (const auto score : kScores) {
+        for (const bool masked : {false, true}) {
+          for (const Index k : {Index(1), Index(2), Index(4)}) {
+            const Eigen::VectorXi* m = masked ? &mask : nullptr;
+            const SwitchOptions o = make_options(convention, score, 0.7, m);
+            const auto r = moebal::switch_aux_loss(scenario.logits, k, o);
+            INFO(scenario.name << ": " << describe(o, k));
+            moebal::testing::GradcheckReport report;
+            if (scenario.tied) {
+              auto f = [&](const RowMatrix<double>& z) {
+                return loss_with_frozen_f(z, r.stats.f, 0.7, score, m);
+              };
+              report = moebal::testing::gradcheck(f, scenario.logits, r.grad);
+            } else {
+              auto f = [&](const RowMatrix<double>& z) {
+                return double(moebal::switch_aux_loss(z, k, o).loss);
+              };
+              report = moebal::testing::gradcheck(f, scenario.logits, r.grad);
+            }
+            INFO(report.message());
+            CHECK(report.passed);
+            if (scenario.tied) {
+              // Frozen f is the real f here: the uniform point's selection is defined by ties.
+              CHECK(r.stats.tokens_per_expert.head(k).minCoeff() > 0);
+              CHECK(r.stats.tokens_per_expert.tail(cols - k).isZero());
+            }
+            if (std::string(scenario.name) == "an expert with no tokens") {
+              CHECK(r.stats.tokens_per_expert[4] == 0);
+            }
+            if (masked) CHECK(r.grad.row(1).isZero(0));
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("switch_aux_loss: float gradients agree with double", "[loss][switch][grad]") {
+  const RowMatrix<double> x = random_logits(64, 8, 2.0, 31);
+  const RowMatrix<float> xf = x.cast<float>();
+  const RowMatrix<double> xd = xf.cast<double>();  // the same values in both precisions
+  Eigen::VectorXi mask = Eigen::VectorXi::Ones(64);
+  mask.segment(10, 7).setZero();
+  for (const auto convention : kConventions) {
+    for (const auto score : kScores) {
+      for (const Index k : {Index(1), Index(2), Index(8)}) {
+        const SwitchOptions o = make_options(convention, score, 1.0, &mask);
+        INFO(describe(o, k));
+        const auto d = moebal::switch_aux_loss(xd, k, o);
+        const auto f = moebal::switch_aux_loss(xf, k, o);
+        CHECK(f.stats.tokens_per_expert == d.stats.tokens_per_expert);
+        CHECK(std::abs(double(f.loss) - d.loss) <= 1e-6 * std::abs(d.loss));
+        CHECK_THAT(as_double(f.grad), IsCloseTo(d.grad, 1e-7, 1e-4));
+      }
+    }
+  }
+}
+
+TEST_CASE("switch_aux_loss: random-direction gradient check on a large case",
+          "[loss][switch][grad]") {
+  const RowMatrix<double> x = random_logits(2048, 64, 1.0, 41);
+  for (const Index k : {Index(2), Index(20)}) {  // k = 20 uses the partial-sort top-k
+    for (const auto score : kScores) {
+      const SwitchOptions o = make_options(SwitchConvention::megatron, score, 1.0);
+      const auto r = moebal::switch_aux_loss(x, k, o);
+      auto f = [&](const RowMatrix<double>& z) {
+        return double(moebal::switch_aux_loss(z, k, o).loss);
+      };
+      moebal::testing::GradcheckOptions g;
+      g.atol = 1e-9;  // directional derivatives here are of order 1e-3
+      g.rtol = 1e-5;
+      const auto report = moebal::testing::directional_gradcheck(f, x, r.grad, 6, 5, g);
+      INFO(describe(o, k) << ": " << report.message());
+      CHECK(report.passed);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invariants.
+
+TEMPLATE_TEST_CASE("switch_aux_loss: invariants", "[loss][switch]", float, double) {
+  using T = TestType;
+  const double rel = is_float<T>() ? 2e-6 : 1e-13;
+  const RowMatrix<T> x = random_logits(37, 8, 1.5, 51).cast<T>();
+
+  SECTION("Hugging Face value and gradient are k times Megatron's") {
+    for (const auto score : kScores) {
+      for (const Index k : {Index(1), Index(3), Index(8)}) {
+        const auto m = moebal::switch_aux_loss(x, k, make_options(SwitchConvention::megatron,
+                                                                   score, 0.01));
+        const auto h = moebal::switch_aux_loss(
+            x, k, make_options(SwitchConvention::huggingface, score, 0.01));
+        INFO("k = " << k << ", " << moebal::to_string(score));
+        CHECK(std::abs(double(h.loss) - double(k) * double(m.loss)) <=
+              rel * double(k) * std::abs(double(m.loss)));
+        const RowMatrix<double> scaled = double(k) * as_double(m.grad);
+        CHECK_THAT(as_double(h.grad), IsCloseTo(scaled, rel * 1e-2, rel * 10));
+        CHECK(h.stats.f.sum() == Approx(double(k)).epsilon(1e-12));
+        CHECK(m.stats.f.sum() == Approx(1.0).epsilon(1e-12));
+        CHECK(h.stats.balanced_value == Approx(0.01 * double(k)));
+        CHECK(m.stats.balanced_value == Approx(0.01));
+      }
+    }
+  }
+
+  SECTION("adding padded rows changes nothing") {
+    RowMatrix<T> padded(x.rows() + 5, x.cols());
+    Eigen::VectorXi mask(padded.rows());
+    // Interleave: padded rows 0, 8, 16, 24, 32 hold garbage.
+    Index src = 0;
+    for (Index t = 0; t < padded.rows(); ++t) {
+      if (t % 8 == 0 && t / 8 < 5) {
+        padded.row(t).setConstant(T(1000));
+        mask[t] = 0;
+      } else {
+        padded.row(t) = x.row(src++);
+        mask[t] = 1;
+      }
+    }
+    for (const auto convention : kConventions) {
+      for (const auto score : kScores) {
+        const auto plain = moebal::switch_aux_loss(x, 2, make_options(convention, score, 1.0));
+        const auto masked =
+            moebal::switch_aux_loss(padded, 2, make_options(convention, score, 1.0, &mask));
+        CHECK(masked.loss == plain.loss);  // fewer than 512 rows: one chunk, same order
+        CHECK(masked.stats.tokens_per_expert == plain.stats.tokens_per_expert);
+        src = 0;
+        for (Index t = 0; t < padded.rows(); ++t) {
+          if (mask[t] == 0) {
+            CHECK(masked.grad.row(t).isZero(0));
+          } else {
+            CHECK(masked.grad.row(t) == plain.grad.row(src++));
+          }
+        }
+      }
+    }
+  }
+
+  SECTION("permuting tokens permutes the gradient rows") {
+    std::vector<Index> perm(static_cast<std::size_t>(x.rows()));
+    std::iota(perm.begin(), perm.end(), Index(0));
+    std::shuffle(perm.begin(), perm.end(), std::mt19937(3));
+    RowMatrix<T> shuffled(x.rows(), x.cols());
+    for (Index t = 0; t < x.rows(); ++t) shuffled.row(t) = x.row(perm[std::size_t(t)]);
+    for (const auto convention : kConventions) {
+      for (const auto score : kScores) {
+        const auto a = moebal::switch_aux_loss(x, 2, make_options(convention, score, 1.0));
+        const auto b = moebal::switch_aux_loss(shuffled, 2, make_options(convention, score, 1.0));
+        CHECK(std::abs(double(a.loss) - double(b.loss)) <= rel * std::abs(double(a.loss)));
+        RowMatrix<double> expected(x.rows(), x.cols());
+        for (Index t = 0; t < x.rows(); ++t) expected.row(t) = as_double(a.grad).row(perm[std::size_t(t)]);
+        CHECK_THAT(as_double(b.grad), IsCloseTo(expected, rel * 1e-2, rel * 10));
+      }
+    }
+  }
+
+  SECTION("uniform probabilities with balanced counts give exactly the balanced value") {
+    // T = N = 8 tokens, k = 2: token t prefers experts t and t+1 (mod 8) by the same margin,
+    // so every expert is chosen by exactly 2 tokens and each P_i averages the same 8 numbers.
+    // Uniform logits give P_i = 1/8 exactly; megatron L = N sum (2/16)(1/8) = 1.
+    const Index n = 8;
+    const RowMatrix<T> uniform = RowMatrix<T>::Zero(n, n);
+    const auto u = moebal::switch_aux_loss(uniform, 2, make_options(SwitchConvention::megatron,
+                                                                     ScoreFunction::softmax, 0.25));
+    CHECK(u.loss == T(0.25));  // P_i = 1/8 and f sums to 1: exact in binary
+    CHECK(u.stats.P.isApprox(Eigen::VectorXd::Constant(n, 0.125), 0));
+    RowMatrix<T> rolled = RowMatrix<T>::Zero(n, n);
+    for (Index t = 0; t < n; ++t) {
+      rolled(t, t) = T(1);
+      rolled(t, (t + 1) % n) = T(0.5);
+    }
+    for (const auto convention : kConventions) {
+      for (const auto score : kScores) {
+        const auto r = moebal::switch_aux_loss(rolled, 2, make_options(convention, score, 1.0));
+        CHECK(double(r.loss) == Approx(r.stats.balanced_value).epsilon(is_float<T>() ? 1e-6 : 1e-15));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The allocation-free form.
+
+TEMPLATE_TEST_CASE("SwitchAuxLoss: forward/backward forms agree", "[loss][switch][api]", float,
+                   double) {
+  using T = TestType;
+  const RowMatrix<T> x = random_logits(700, 16, 1.0, 61).cast<T>();  // two chunks
+  Eigen::VectorXi mask = Eigen::VectorXi::Ones(700);
+  mask.segment(100, 50).setZero();
+  for (const auto convention : kConventions) {
+    for (const auto score : kScores) {
+      SwitchOptions o = make_options(convention, score, 0.1);
+      moebal::SwitchAuxLoss<T> loss(16, 4, o);
+      const T value = loss.forward(x, moebal::TokenMask(mask));
+      RowMatrix<T> g1(700, 16), g2(700, 16);
+      g1.setConstant(T(42));  // backward must overwrite every element
+      loss.backward(x, g1, T(3));
+      const T fused = loss.forward_backward(x, g2, moebal::TokenMask(mask), T(3));
+      INFO(describe(o, 4));
+      CHECK(value == fused);
+      CHECK(g1 == g2);  // bitwise: both passes rebuild each row's scores the same way
+      CHECK(g1.row(120).isZero(0));
+
+      o.mask = moebal::TokenMask(mask);
+      const auto r = moebal::switch_aux_loss(x, 4, o);
+      CHECK(r.loss == value);
+      const RowMatrix<T> tripled = r.grad * T(3);
+      CHECK_THAT(as_double(g1), IsCloseTo(tripled, 1e-12, is_float<T>() ? 1e-6 : 1e-14));
+
+      RowMatrix<T> acc = RowMatrix<T>::Constant(700, 16, T(1));
+      loss.backward_accumulate(x, acc, T(-2));
+      const RowMatrix<T> expected = RowMatrix<T>::Constant(700, 16, T(1)) + T(-2) * r.grad;
+      CHECK_THAT(as_double(acc), IsCloseTo(expected, 1e-7));
+      CHECK(acc.row(120).isConstant(T(1), 0));  // padded rows are left as they were
+
+      const auto& s = loss.statistics();
+      CHECK(s.tokens() == 650.0);
+      CHECK(s.counts().sum() == 650.0 * 4);
+      CHECK(s.first_choice_counts().sum() == 650.0);
+      CHECK(s.score_sums().sum() == Approx(650.0).epsilon(1e-6));
+    }
+  }
+}
+
+TEST_CASE("SwitchAuxLoss: reuse across batch sizes", "[loss][switch][api]") {
+  moebal::SwitchAuxLoss<double> loss(8, 2);
+  for (const Index rows : {Index(300), Index(5), Index(1100), Index(17)}) {
+    const RowMatrix<double> x = random_logits(rows, 8, 1.0, unsigned(rows));
+    RowMatrix<double> g(rows, 8);
+    const double value = loss.forward_backward(x, g);
+    const auto r = moebal::switch_aux_loss(x, 2);
+    CHECK(value == r.loss);
+    CHECK(g == r.grad);
+    CHECK(loss.stats().tokens_per_expert == r.stats.tokens_per_expert);
+  }
+}
+
+TEST_CASE("switch_aux_loss: a batch with no real token", "[loss][switch]") {
+  const RowMatrix<double> x = random_logits(4, 3, 1.0, 71);
+  const Eigen::VectorXi none = Eigen::VectorXi::Zero(4);
+  for (const auto convention : kConventions) {
+    const auto r = moebal::switch_aux_loss(x, 2, make_options(convention, ScoreFunction::softmax,
+                                                              1.0, &none));
+    CHECK(r.loss == 0.0);
+    CHECK(r.grad.isZero(0));
+    CHECK(r.stats.tokens == 0);
+    CHECK(r.stats.f.isZero(0));
+    CHECK(r.stats.P.isZero(0));
+    CHECK(r.stats.tokens_per_expert.isZero());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input layouts: every form gives the same numbers; row-major memory is read in place.
+
+TEST_CASE("switch_aux_loss: input layouts", "[loss][switch][api]") {
+  const RowMatrix<double> x = random_logits(50, 8, 1.0, 81);
+  const auto reference = moebal::switch_aux_loss(x, 2);
+
+  SECTION("column-major") {
+    const Eigen::MatrixXd col = x;
+    const auto r = moebal::switch_aux_loss(col, 2);
+    CHECK(r.loss == reference.loss);
+    CHECK(r.grad == reference.grad);
+  }
+  SECTION("a Map over a raw row-major buffer is viewed, not copied") {
+    std::vector<double> buffer(x.data(), x.data() + x.size());
+    const Eigen::Map<const RowMatrix<double>> map(buffer.data(), 50, 8);
+    const moebal::detail::RowInput<double> view(map);
+    CHECK(view.data() == buffer.data());
+    const auto r = moebal::switch_aux_loss(map, 2);
+    CHECK(r.loss == reference.loss);
+    CHECK(r.grad == reference.grad);
+  }
+  SECTION("a row-major block (strided rows) is viewed, not copied") {
+    RowMatrix<double> wide = RowMatrix<double>::Constant(60, 12, 7.0);
+    wide.block(5, 2, 50, 8) = x;
+    const auto block = wide.block(5, 2, 50, 8);
+    const moebal::detail::RowInput<double> view(block);
+    CHECK(view.data() == &wide(5, 2));
+    const auto r = moebal::switch_aux_loss(block, 2);
+    CHECK(r.loss == reference.loss);
+    CHECK(r.grad == reference.grad);
+  }
+  SECTION("a column-major block and an expression") {
+    const Eigen::MatrixXd big = Eigen::MatrixXd::Constant(70, 9, -3.0);
+    Eigen::MatrixXd holder = big;
+    holder.block(10, 1, 50, 8) = x;
+    const auto r = moebal::switch_aux_loss(holder.block(10, 1, 50, 8), 2);
+    CHECK(r.grad == reference.grad);
+    const auto e = moebal::switch_aux_loss(x * 1.0, 2);
+    CHECK(e.grad == reference.grad);
+  }
+  SECTION("the gradient goes into a caller's Map over raw memory") {
+    std::vector<double> out(50 * 8, -1.0);
+    Eigen::Map<RowMatrix<double>> grad(out.data(), 50, 8);
+    moebal::SwitchAuxLoss<double> loss(8, 2);
+    loss.forward_backward(x, grad);
+    CHECK(grad == reference.grad);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input: each case throws moebal::invalid_argument naming the argument, what was expected
+// and what was given.
+
+TEST_CASE("switch_aux_loss: bad input", "[loss][switch][errors]") {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  RowMatrix<double> x = random_logits(4, 3, 1.0, 91);
+  const char* k_msg_prefix = "moebal::switch_aux_loss: argument 'k': expected 1 <= k <= N, the "
+                             "number of experts (N = 3), got k = ";
+  CHECK_THROWS_WITH(moebal::switch_aux_loss(x, 0), std::string(k_msg_prefix) + "0");
+  CHECK_THROWS_WITH(moebal::switch_aux_loss(x, 4), std::string(k_msg_prefix) + "4");
+  CHECK_THROWS_WITH(moebal::switch_aux_loss(x, -1), std::string(k_msg_prefix) + "-1");
+  CHECK_THROWS_WITH(moebal::switch_aux_loss(RowMatrix<double>(0, 3), 1),
+                    "moebal::switch_aux_loss: argument 'logits': expected at least one token row "
+                    "(T >= 1), got an empty batch, shape 0 x 3");
+  CHECK_THROWS_WITH(moebal::switch_aux_loss(RowMatrix<float>(5, 0), 1),
+                    "moebal::switch_aux_loss: argument 'logits': expected at least one expert "
+                    "column (N >= 1), got shape 5 x 0");
+  {
+    RowMatrix<double> y = x;
+    y(2, 1) = nan;
+    CHECK_THROWS_WITH(moebal::switch_aux_loss(y, 1),
+                      "moebal::switch_aux_loss: argument 'logits': expected finite values or "
+                      "-Inf (no NaN, no +Inf), got nan at row 2, column 1");
+    y(2, 1) = inf;
+    SwitchOptions o;
+    o.score = ScoreFunction::sigmoid;
+    CHECK_THROWS_WITH(moebal::switch_aux_loss(y, 1, o),
+                      "moebal::switch_aux_loss: argument 'logits': expected finite values or "
+                      "-Inf (no NaN, no +Inf), got inf at row 2, column 1");
+    y.row(2).setConstant(-inf);
+    CHECK_THROWS_WITH(moebal::switch_aux_loss(y, 1),
+                      "moebal::switch_aux_loss: argument 'logits': expected at least one logit "
+                      "above -Inf in every real token's row (softmax of an all -Inf row is "
+                      "undefined), got every logit -Inf in row 2");
+    y(2, 0) = 0.0;  // a single finite logit is enough
+    CHECK_NOTHROW(moebal::switch_aux_loss(y, 1));
+  }
+  {
+    const Eigen::VectorXi short_mask = Eigen::VectorXi::Ones(3);
+    SwitchOptions o;
+    o.mask = moebal::TokenMask(short_mask);
+    CHECK_THROWS_WITH(moebal::switch_aux_loss(x, 1, o),
+                      "moebal::switch_aux_loss: argument 'mask': expected one element per token "
+                      "(length T = 4, logits.rows()), got length 3");
+    const Eigen::VectorXd nan_mask = (Eigen::VectorXd(4) << 1, nan, 1, 0).finished();
+    o.mask = moebal::TokenMask(nan_mask);
+    CHECK_THROWS_WITH(moebal::switch_aux_loss(x, 1, o),
+                      "moebal::switch_aux_loss: argument 'mask': expected 0 (padding) or nonzero "
+                      "(real token) in every element, got NaN at element 1");
+  }
+  {
+    SwitchOptions o;
+    o.coefficient = nan;
+    CHECK_THROWS_WITH(moebal::switch_aux_loss(x, 1, o),
+                      "moebal::switch_aux_loss: argument 'options.coefficient': expected a finite "
+                      "number, got nan");
+  }
+}
+
+TEST_CASE("SwitchAuxLoss: bad input", "[loss][switch][errors]") {
+  const RowMatrix<double> x = random_logits(4, 3, 1.0, 92);
+  CHECK_THROWS_WITH(moebal::SwitchAuxLoss<double>(0, 1),
+                    "moebal::SwitchAuxLoss: argument 'num_experts': expected at least 1 expert, "
+                    "got 0");
+  CHECK_THROWS_WITH(moebal::SwitchAuxLoss<double>(3, 4),
+                    "moebal::SwitchAuxLoss: argument 'k': expected 1 <= k <= N, the number of "
+                    "experts (N = 3), got k = 4");
+  {
+    const Eigen::VectorXi mask = Eigen::VectorXi::Ones(4);
+    SwitchOptions o;
+    o.mask = moebal::TokenMask(mask);
+    CHECK_THROWS_WITH(moebal::SwitchAuxLoss<double>(3, 1, o),
+                      "moebal::SwitchAuxLoss: argument 'options.mask': expected an empty mask "
+                      "(SwitchAuxLoss takes the mask in forward), got a mask of length 4");
+  }
+  moebal::SwitchAuxLoss<double> loss(3, 2);
+  RowMatrix<double> g(4, 3);
+  CHECK_THROWS_WITH(loss.backward(x, g),
+                    "moebal::SwitchAuxLoss::backward: argument 'logits': expected the logits of "
+                    "a completed forward, got a call before any forward completed");
+  CHECK_THROWS_WITH(loss.forward(RowMatrix<double>::Zero(4, 5)),
+                    "moebal::SwitchAuxLoss::forward: argument 'logits': expected N = 3 expert "
+                    "columns (as constructed), got shape 4 x 5");
+  loss.forward(x);
+  RowMatrix<double> wrong(4, 2);
+  CHECK_THROWS_WITH(loss.backward(x, wrong),
+                    "moebal::SwitchAuxLoss::backward: argument 'dloss_dlogits': expected the "
+                    "logits' shape 4 x 3, got shape 4 x 2");
+  CHECK_THROWS_WITH(loss.backward(RowMatrix<double>::Zero(5, 3), g),
+                    "moebal::SwitchAuxLoss::backward: argument 'logits': expected the T = 4 rows "
+                    "given to forward, got shape 5 x 3");
+  RowMatrix<double> wrong_rows(5, 3);
+  CHECK_THROWS_WITH(loss.forward_backward(x, wrong_rows),
+                    "moebal::SwitchAuxLoss::forward_backward: argument 'dloss_dlogits': expected "
+                    "the logits' shape 4 x 3, got shape 5 x 3");
+  CHECK_THROWS_WITH(loss.backward(x, g, std::numeric_limits<double>::infinity()),
+                    "moebal::SwitchAuxLoss::backward: argument 'scale': expected a finite number, "
+                    "got inf");
+  // A forward that threw leaves no forward to differentiate.
+  RowMatrix<double> bad = x;
+  bad(0, 0) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_AS(loss.forward(bad), moebal::invalid_argument);
+  CHECK_THROWS_AS(loss.backward(x, g), moebal::invalid_argument);
+}
