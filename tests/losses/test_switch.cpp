@@ -72,9 +72,9 @@ double loss_with_frozen_f(const RowMatrix<double>& z, const Eigen::VectorXd& f, 
   return a * double(z.cols()) * f.dot(sums) / tokens;
 }
 
-// Logits whose top-k has a margin of `margin` (>> the finite-difference step) between the
-// k-th and (k+1)-th expert, with experts otherwise close together.
-RowMatrix<double> near_tie_logits(Index rows, Index cols, Index k, double margin, unsigned seed) {
+// Logits whose sorted values are `margin` apart in every row (margin >> the finite-difference
+// step), so every top-k boundary is a near tie that a perturbation of one step cannot flip.
+RowMatrix<double> near_tie_logits(Index rows, Index cols, double margin, unsigned seed) {
   std::mt19937 engine(seed);
   RowMatrix<double> x(rows, cols);
   for (Index t = 0; t < rows; ++t) {
@@ -87,7 +87,6 @@ RowMatrix<double> near_tie_logits(Index rows, Index cols, Index k, double margin
       x(t, order[static_cast<std::size_t>(r)]) = 0.5 - double(r) * margin;
     }
   }
-  (void)k;
   return x;
 }
 
@@ -187,63 +186,87 @@ TEMPLATE_TEST_CASE("switch_aux_loss: hand-derived values", "[loss][switch]", flo
 // ---------------------------------------------------------------------------------------------
 // Gradients against central differences, for every option and the five kinds of logits.
 
-TEST_CASE("switch_aux_loss: gradient matches central differences (double)",
-          "[loss][switch][grad]") {
-  struct Scenario {
-    const char* name;
-    RowMatrix<double> logits;
-    bool tied;  // the selection is tied: differentiate with the counts frozen
-  };
-  const Index rows = 9, cols = 6;
-  std::vector<Scenario> scenarios;
-  scenarios.push_back({"uniform logits", RowMatrix<double>::Constant(rows, cols, 0.3), true});
-  scenarios.push_back({"near ties (margin 1e-3, step 1e-6)",
-                       near_tie_logits(rows, cols, 2, 1e-3, 21), false});
-  scenarios.push_back({"saturated one-hot routing", random_logits(rows, cols, 12.0, 22), false});
-  {
-    RowMatrix<double> x = random_logits(rows, cols, 1.0, 23);
-    x.col(4).array() -= 8.0;  // expert 4 gets no token
-    scenarios.push_back({"an expert with no tokens", x, false});
+// Checks the gradient of every option (convention x score x mask x k) at `logits` against
+// central differences of the double-precision loss. For float, the analytic gradient is
+// computed in float at the same (float-representable) point and the tolerance is float's.
+template <class T>
+void check_all_options_against_central_differences(const RowMatrix<double>& point, bool tied,
+                                                   const char* scenario) {
+  const RowMatrix<T> logits = point.cast<T>();
+  const RowMatrix<double> x = logits.template cast<double>();
+  const Index rows = x.rows();
+  Eigen::VectorXi mask = Eigen::VectorXi::Ones(rows);
+  for (Index t = 1; t < rows; t += 3) mask[t] = 0;
+  moebal::testing::GradcheckOptions tolerance;
+  if (is_float<T>()) {
+    tolerance.atol = 2e-6;
+    tolerance.rtol = 1e-3;
   }
-  scenarios.push_back({"random logits", random_logits(rows, cols, 1.5, 24), false});
-
-  const Eigen::VectorXi mask = (Eigen::VectorXi(rows) << 1, 0, 1, 1, 0, 1, 1, 1, 0).finished();
-  for (const auto& scenario : scenarios) {
-    for (const auto convention : kConventions) {
-      for (const auto score : kScores) {
-        for (const bool masked : {false, true}) {
-          for (const Index k : {Index(1), Index(2), Index(4)}) {
-            const Eigen::VectorXi* m = masked ? &mask : nullptr;
-            const SwitchOptions o = make_options(convention, score, 0.7, m);
-            const auto r = moebal::switch_aux_loss(scenario.logits, k, o);
-            INFO(scenario.name << ": " << describe(o, k));
-            moebal::testing::GradcheckReport report;
-            if (scenario.tied) {
-              auto f = [&](const RowMatrix<double>& z) {
-                return loss_with_frozen_f(z, r.stats.f, 0.7, score, m);
-              };
-              report = moebal::testing::gradcheck(f, scenario.logits, r.grad);
-            } else {
-              auto f = [&](const RowMatrix<double>& z) {
-                return double(moebal::switch_aux_loss(z, k, o).loss);
-              };
-              report = moebal::testing::gradcheck(f, scenario.logits, r.grad);
-            }
-            INFO(report.message());
-            CHECK(report.passed);
-            if (scenario.tied) {
-              // Frozen f is the real f here: the uniform point's selection is defined by ties.
-              CHECK(r.stats.tokens_per_expert.head(k).minCoeff() > 0);
-              CHECK(r.stats.tokens_per_expert.tail(cols - k).isZero());
-            }
-            if (std::string(scenario.name) == "an expert with no tokens") {
-              CHECK(r.stats.tokens_per_expert[4] == 0);
-            }
-            if (masked) CHECK(r.grad.row(1).isZero(0));
+  for (const auto convention : kConventions) {
+    for (const auto score : kScores) {
+      for (const bool masked : {false, true}) {
+        for (const Index k : {Index(1), Index(2), Index(4)}) {
+          const Eigen::VectorXi* m = masked ? &mask : nullptr;
+          const SwitchOptions o = make_options(convention, score, 0.7, m);
+          const auto r = moebal::switch_aux_loss(logits, k, o);
+          const RowMatrix<double> analytic = as_double(r.grad);
+          INFO(scenario << ": " << describe(o, k));
+          moebal::testing::GradcheckReport report;
+          if (tied || is_float<T>()) {
+            // Float: saturated sigmoids round to exactly 1 and tie in float where they do not
+            // in double (selection is on the scores as computed, as in the frameworks), so
+            // the float gradient is checked for the float selection's counts.
+            auto f = [&](const RowMatrix<double>& z) {
+              return loss_with_frozen_f(z, r.stats.f, 0.7, score, m);
+            };
+            report = moebal::testing::gradcheck(f, x, analytic, tolerance);
+          } else {
+            auto f = [&](const RowMatrix<double>& z) {
+              return double(moebal::switch_aux_loss(z, k, o).loss);
+            };
+            report = moebal::testing::gradcheck(f, x, analytic, tolerance);
           }
+          INFO(report.message());
+          CHECK(report.passed);
+          if (tied) {
+            // The frozen f is the selection the ties define: the lowest k indices.
+            CHECK(r.stats.tokens_per_expert.head(k).minCoeff() > 0);
+            CHECK(r.stats.tokens_per_expert.tail(x.cols() - k).isZero());
+          }
+          if (masked) CHECK(r.grad.row(1).isZero(0));
         }
       }
     }
+  }
+}
+
+TEMPLATE_TEST_CASE("switch_aux_loss: gradient matches central differences",
+                   "[loss][switch][grad]", float, double) {
+  using T = TestType;
+  const Index rows = 9, cols = 6;
+  SECTION("uniform logits (tied selection: differentiated with the counts frozen)") {
+    check_all_options_against_central_differences<T>(RowMatrix<double>::Constant(rows, cols, 0.3),
+                                                     true, "uniform");
+  }
+  SECTION("near ties: top-k margin 1e-3, step 1e-6") {
+    check_all_options_against_central_differences<T>(near_tie_logits(rows, cols, 1e-3, 21),
+                                                     false, "near ties");
+  }
+  SECTION("saturated one-hot routing") {
+    check_all_options_against_central_differences<T>(random_logits(rows, cols, 12.0, 22), false,
+                                                     "saturated");
+  }
+  SECTION("an expert with no tokens") {
+    RowMatrix<double> x = random_logits(rows, cols, 1.0, 23);
+    x.col(4).array() -= 8.0;
+    for (const Index k : {Index(1), Index(2), Index(4)}) {
+      CHECK(moebal::switch_aux_loss(x, k).stats.tokens_per_expert[4] == 0);
+    }
+    check_all_options_against_central_differences<T>(x, false, "empty expert");
+  }
+  SECTION("random logits") {
+    check_all_options_against_central_differences<T>(random_logits(rows, cols, 1.5, 24), false,
+                                                     "random");
   }
 }
 
@@ -446,6 +469,18 @@ TEST_CASE("SwitchAuxLoss: reuse across batch sizes", "[loss][switch][api]") {
     CHECK(g == r.grad);
     CHECK(loss.stats().tokens_per_expert == r.stats.tokens_per_expert);
   }
+}
+
+TEST_CASE("switch_aux_loss: selection is on the scores as computed", "[loss][switch]") {
+  // sigmoid(17) and sigmoid(20) both round to 1.0f in float: the scores tie and expert 0 wins.
+  // In double they differ and expert 1 is selected.
+  SwitchOptions o;
+  o.score = ScoreFunction::sigmoid;
+  RowMatrix<float> xf(1, 3);
+  xf << 17.0f, 20.0f, 0.0f;
+  CHECK(moebal::switch_aux_loss(xf, 1, o).stats.tokens_per_expert[0] == 1);
+  const RowMatrix<double> xd = xf.cast<double>();
+  CHECK(moebal::switch_aux_loss(xd, 1, o).stats.tokens_per_expert[1] == 1);
 }
 
 TEST_CASE("switch_aux_loss: a batch with no real token", "[loss][switch]") {

@@ -7,7 +7,10 @@
 ///
 /// Notation (T real tokens, N experts, logits x of shape T x N, rows are tokens):
 ///   q_t   = score(x_t): softmax (default) or normalized sigmoid, see `ScoreFunction`
-///   top-k = the k experts with the largest q_ti; ties go to the lower expert index
+///   top-k = the k experts with the largest q_ti; ties go to the lower expert index. The
+///           selection is made on the scores as computed in the input precision, as the
+///           frameworks select on their scores: sigmoids that saturate to the same float
+///           (logits above about 17 in float) tie, and the lower index wins.
 ///   c_i   = number of tokens whose top-k contains i (sum_i c_i = T k)
 ///   P_i   = (1/T) sum_t q_ti
 ///   f_i   = the convention's load fraction (below); a constant for the gradient
