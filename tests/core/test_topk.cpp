@@ -67,6 +67,38 @@ TEMPLATE_TEST_CASE("topk_indices: matches a stable sort for small and large k", 
   }
 }
 
+TEMPLATE_TEST_CASE("topk_indices: distinct values (the threshold path) and exact fallback agree",
+                   "[topk]", float, double) {
+  using T = TestType;
+  std::mt19937 engine(8);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (const Index n : {2, 8, 64, 256}) {
+    RowMatrix<T> q(30, n);
+    for (Index i = 0; i < q.size(); ++i) q.data()[i] = T(normal(engine));
+    q.row(3).setConstant(T(0.5));          // all tied: the exact fallback
+    q.row(4).head(n / 2).setConstant(T(2));  // ties at the top
+    // Every compile-time lane depth of the threshold method (1, 2, 4, 8, 16) and the exact
+    // method above k = 16.
+    for (const Index k : {Index(1), Index(2), Index(3), Index(5), Index(8), Index(12),
+                          Index(16), Index(17), n / 2, n}) {
+      if (k < 1 || k > n) continue;
+      const IndexMatrix top = moebal::topk_indices(q, k);
+      moebal::detail::TopkScratch<T> scratch;
+      scratch.resize(n, k);
+      std::vector<Index> exact(static_cast<std::size_t>(k));
+      for (Index t = 0; t < q.rows(); ++t) {
+        const std::vector<Index> expected = reference_topk(q, t, k);
+        moebal::detail::topk_row_exact(q.data() + t * n, n, k, exact.data(), scratch);
+        for (Index s = 0; s < k; ++s) {
+          INFO("n = " << n << ", k = " << k << ", row " << t << ", slot " << s);
+          CHECK(top(t, s) == expected[static_cast<std::size_t>(s)]);
+          CHECK(exact[static_cast<std::size_t>(s)] == expected[static_cast<std::size_t>(s)]);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("topk_indices: infinities are ordered, column-major input works", "[topk]") {
   const double inf = std::numeric_limits<double>::infinity();
   Eigen::MatrixXd q(1, 4);  // column-major

@@ -471,6 +471,39 @@ TEST_CASE("SwitchAuxLoss: reuse across batch sizes", "[loss][switch][api]") {
   }
 }
 
+TEMPLATE_TEST_CASE("switch_aux_loss: counts match a stable sort of the scores, ties included",
+                   "[loss][switch]", float, double) {
+  using T = TestType;
+  const Index rows = 300, cols = 20;
+  RowMatrix<T> x = random_logits(rows, cols, 1.0, 95).cast<T>();
+  std::mt19937 engine(96);
+  std::uniform_int_distribution<int> level(0, 3);
+  for (Index t = 0; t < rows; t += 3) {  // every third row: few distinct values, many ties
+    for (Index j = 0; j < cols; ++j) x(t, j) = T(level(engine));
+  }
+  for (const auto score : kScores) {
+    const RowMatrix<T> q = moebal::scores(x, score);
+    for (Index k = 1; k <= cols; ++k) {
+      moebal::CountVector counts = moebal::CountVector::Zero(cols);
+      moebal::CountVector first = moebal::CountVector::Zero(cols);
+      for (Index t = 0; t < rows; ++t) {
+        std::vector<Index> order(static_cast<std::size_t>(cols));
+        std::iota(order.begin(), order.end(), Index(0));
+        std::stable_sort(order.begin(), order.end(),
+                         [&](Index a, Index b) { return q(t, a) > q(t, b); });
+        for (Index s = 0; s < k; ++s) counts[order[std::size_t(s)]] += 1;
+        first[order[0]] += 1;
+      }
+      SwitchOptions o;
+      o.score = score;
+      const auto r = moebal::switch_aux_loss(x, k, o);
+      INFO(moebal::to_string(score) << ", k = " << k);
+      CHECK(r.stats.tokens_per_expert == counts);
+      CHECK(r.stats.first_choice_tokens == first);
+    }
+  }
+}
+
 TEST_CASE("switch_aux_loss: selection is on the scores as computed", "[loss][switch]") {
   // sigmoid(17) and sigmoid(20) both round to 1.0f in float: the scores tie and expert 0 wins.
   // In double they differ and expert 1 is selected.

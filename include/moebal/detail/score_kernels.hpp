@@ -55,9 +55,12 @@ bool raw_scores(const S* x, Index n, ScoreFunction score, ScratchArray<C>& raw, 
     // arguments below the normal range, -Inf included. Below log(smallest normal) the result is
     // flushed to exactly 0 instead, so -Inf logits get probability 0 as in PyTorch (the values
     // replaced are below 1.2e-38 in float, 2.3e-308 in double).
+    raw = (xs.template cast<C>() - max).exp();
     const C lowest = kLogSmallestNormal<C>;
-    raw = (xs.template cast<C>() - max);
-    raw = (raw < lowest).select(C(0), raw.exp());
+    C* r = raw.data();
+    for (Index j = 0; j < n; ++j) {
+      r[j] = static_cast<C>(x[j]) - max < lowest ? C(0) : r[j];
+    }
     const C sum = lane_sum(raw.data(), n);
     // NaN, +Inf (inf - inf) and an all -Inf row (-inf - -inf) all make the sum NaN.
     norm.shift = max;

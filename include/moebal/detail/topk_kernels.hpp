@@ -2,20 +2,30 @@
 #pragma once
 
 // Internal: top-k of one row with ties to the lower index.
+//
+// Two methods with the same result:
+// - threshold (the fast path): k rounds of a vectorized "largest value below the previous
+//   one" give the k-th largest value tau; if exactly k values are >= tau, they are the top-k
+//   (their values are then distinct, so their order is unambiguous). Branch-free and linear.
+// - exact (the fallback when values tie around the top k): a sorted list of k candidates with
+//   insertion for k <= 16, a partial sort of an index array above.
 
 #include <algorithm>
+#include <limits>
 #include <vector>
+
+#include <Eigen/Core>
 
 #include "moebal/core/types.hpp"
 
 namespace moebal {
 namespace detail {
 
-/// Up to this k, top-k keeps a sorted list of k candidates and inserts into it: O(N k) per
-/// row with no allocation. Above it, a partial sort of an index array: O(N log k).
+/// Up to this k, the exact method inserts into a sorted list of k candidates: O(N k) per row
+/// with no allocation. Above it, a partial sort of an index array: O(N log k).
 inline constexpr Index kInsertionTopkMaxK = 16;
 
-/// Scratch for `topk_row`, sized once per (N, k).
+/// Scratch for the top-k kernels, sized once per (N, k).
 template <class C>
 struct TopkScratch {
   std::vector<C> values;     // k
@@ -26,11 +36,11 @@ struct TopkScratch {
   }
 };
 
-/// Writes the indices of the k largest of q[0..n) into `out`, by decreasing value; equal values
-/// are ordered by increasing index, so on a tie the lower expert index is selected first.
-/// q must contain no NaN.
+/// The exact method: writes the indices of the k largest of q[0..n) into `out`, by decreasing
+/// value; equal values are ordered by increasing index, so on a tie the lower expert index is
+/// selected first. q must contain no NaN.
 template <class C>
-void topk_row(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch) {
+void topk_row_exact(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch) {
   MOEBAL_ASSERT(k >= 1 && k <= n);
   if (k <= kInsertionTopkMaxK) {
     C* values = scratch.values.data();
@@ -61,6 +71,111 @@ void topk_row(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch)
     return q[a] > q[b] || (q[a] == q[b] && a < b);
   });
   std::copy(order, order + k, out);
+}
+
+/// Lanes of the threshold search (one AVX register of float, two of double).
+inline constexpr Index kTopkLanes = 8;
+
+/// Up to this k, top-k uses the threshold method first; above it, the exact method only.
+inline constexpr Index kThresholdTopkMaxK = 16;
+
+/// The threshold method's search with a compile-time bound K >= k on the lane-list depth (so
+/// the lane lists live in registers when K is small). See `topk_threshold`.
+template <Index K, class C>
+bool topk_threshold_fixed(const C* q, Index n, Index k, C& tau, C& top) {
+  using Block = Eigen::Array<C, kTopkLanes, 1>;
+  constexpr C lowest = -std::numeric_limits<C>::infinity();
+  Block best[K];
+  for (Index r = 0; r < K; ++r) best[r].setConstant(lowest);
+  auto insert = [&](Block v) {
+    for (Index r = 0; r < K; ++r) {
+      const Block higher = best[r].max(v);
+      v = best[r].min(v);
+      best[r] = higher;
+    }
+  };
+  Index j = 0;
+  for (; j + kTopkLanes <= n; j += kTopkLanes) insert(Eigen::Map<const Block>(q + j));
+  if (j < n) {
+    Block tail = Block::Constant(lowest);
+    for (Index l = 0; j + l < n; ++l) tail[l] = q[j + l];
+    insert(tail);
+  }
+  // Merge the 8 sorted lane lists: k rounds of "take the largest lane head".
+  Index depth[kTopkLanes] = {};
+  for (Index round = 0; round < k; ++round) {
+    Index lane = 0;
+    C value = lowest;
+    for (Index l = 0; l < kTopkLanes; ++l) {
+      const C head = depth[l] < k ? best[depth[l]][l] : lowest;
+      if (head > value) {
+        value = head;
+        lane = l;
+      }
+    }
+    ++depth[lane];
+    tau = value;
+  }
+  top = best[0].maxCoeff();
+  Index selected = 0, at_top = 0;
+  for (Index i = 0; i < n; ++i) {
+    selected += q[i] >= tau ? 1 : 0;
+    at_top += q[i] == top ? 1 : 0;
+  }
+  return selected == k && at_top == 1;
+}
+
+/// The threshold method's search, for k <= kThresholdTopkMaxK. Each of 8 lanes keeps its k
+/// largest values with a min/max insertion network (vector operations only, no branch), the
+/// 8 lane lists are merged into tau, the k-th largest value counted with multiplicity, and
+/// `top`, the row maximum. Returns true when the top-k is {j : q_j >= tau} with no tie to
+/// break: exactly k values are >= tau and the maximum is unique (so it is the first choice).
+/// Returns false when values tie around the top k or at the maximum; the caller then uses the
+/// exact method. q must contain no NaN.
+template <class C>
+bool topk_threshold(const C* q, Index n, Index k, C& tau, C& top) {
+  MOEBAL_ASSERT(k >= 1 && k <= n && k <= kThresholdTopkMaxK);
+  switch (k) {
+    case 1:
+      return topk_threshold_fixed<1>(q, n, k, tau, top);
+    case 2:
+      return topk_threshold_fixed<2>(q, n, k, tau, top);
+    case 3:
+    case 4:
+      return topk_threshold_fixed<4>(q, n, k, tau, top);
+    case 5:
+    case 6:
+    case 7:
+    case 8:
+      return topk_threshold_fixed<8>(q, n, k, tau, top);
+    default:
+      return topk_threshold_fixed<kThresholdTopkMaxK>(q, n, k, tau, top);
+  }
+}
+
+/// Writes the top-k indices of q[0..n), ordered as `topk_row_exact` orders them.
+template <class C>
+void topk_row(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch) {
+  MOEBAL_ASSERT(k >= 1 && k <= n);
+  C tau = C(0), top = C(0);
+  if (k > kThresholdTopkMaxK || !topk_threshold(q, n, k, tau, top)) {
+    topk_row_exact(q, n, k, out, scratch);
+    return;
+  }
+  // The k selected values are distinct: collect them, then sort the k by decreasing value.
+  Index filled = 0;
+  for (Index j = 0; j < n && filled < k; ++j) {
+    if (q[j] >= tau) out[filled++] = j;
+  }
+  for (Index i = 1; i < k; ++i) {
+    const Index index = out[i];
+    Index pos = i;
+    while (pos > 0 && q[out[pos - 1]] < q[index]) {
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    out[pos] = index;
+  }
 }
 
 }  // namespace detail

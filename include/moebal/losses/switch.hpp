@@ -258,6 +258,8 @@ class SwitchAuxLoss {
     raw_.resize(num_experts);
     scores_.resize(num_experts);
     chunk_sums_.resize(num_experts);
+    chunk_counts_.resize(num_experts);
+    chunk_first_.resize(num_experts);
     selected_.resize(static_cast<std::size_t>(k));
     topk_scratch_.resize(num_experts, k);
   }
@@ -300,6 +302,8 @@ class SwitchAuxLoss {
     for (Index begin = 0; begin < rows; begin += detail::kSwitchChunkRows) {
       const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
       chunk_sums_.setZero();
+      chunk_counts_.setZero();
+      chunk_first_.setZero();
       for (Index t = begin; t < end; ++t) {
         detail::RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
         if (!mask.is_real(t)) {
@@ -311,14 +315,30 @@ class SwitchAuxLoss {
           detail::throw_invalid_row(function, row, n, t, options_.score);
         }
         detail::scores_from_raw(raw_, norm, scores_);
-        detail::topk_row(scores_.data(), n, k_, selected_.data(), topk_scratch_);
-        for (Index s = 0; s < k_; ++s) counts[selected_[static_cast<std::size_t>(s)]] += 1.0;
-        first[selected_[0]] += 1.0;
-        chunk_sums_ += scores_.template cast<double>();
+        Scalar tau = Scalar(0), top = Scalar(0);
+        const Scalar* q = scores_.data();
+        if (k_ <= detail::kThresholdTopkMaxK && detail::topk_threshold(q, n, k_, tau, top)) {
+          // No tie around the top k: the selection is {j : q_j >= tau}, the first choice the
+          // unique maximum. Counted with vector adds (exact: a chunk counts at most 512).
+          Scalar* cc = chunk_counts_.data();
+          Scalar* cf = chunk_first_.data();
+          for (Index j = 0; j < n; ++j) {
+            cc[j] += q[j] >= tau ? Scalar(1) : Scalar(0);
+            cf[j] += q[j] == top ? Scalar(1) : Scalar(0);
+          }
+        } else {
+          detail::topk_row_exact(scores_.data(), n, k_, selected_.data(), topk_scratch_);
+          for (Index s = 0; s < k_; ++s) chunk_counts_[selected_[std::size_t(s)]] += Scalar(1);
+          chunk_first_[selected_[0]] += Scalar(1);
+        }
+        double* cs = chunk_sums_.data();
+        for (Index j = 0; j < n; ++j) cs[j] += static_cast<double>(q[j]);
         tokens += 1.0;
         if (raw_out != nullptr) raw_out->row(t) = raw_.transpose().matrix();
       }
       sums += chunk_sums_.matrix();
+      counts += chunk_counts_.template cast<double>().matrix();
+      first += chunk_first_.template cast<double>().matrix();
     }
     update_f();
     loss_ = tokens > 0 ? options_.coefficient * double(n) * f_.dot(sums) / tokens : 0.0;
@@ -410,6 +430,8 @@ class SwitchAuxLoss {
   detail::ScratchArray<Scalar> raw_;                // N, one row's raw scores (aligned)
   detail::ScratchArray<Scalar> scores_;             // N, one row's scores
   Eigen::ArrayXd chunk_sums_;                       // N, one chunk's score sums
+  detail::ScratchArray<Scalar> chunk_counts_;       // N, one chunk's top-k counts
+  detail::ScratchArray<Scalar> chunk_first_;        // N, one chunk's first-choice counts
   std::vector<Index> selected_;                     // k
   detail::TopkScratch<Scalar> topk_scratch_;
   std::vector<detail::RowNorm<Scalar>> norms_;      // T, per token; inv == 0 marks padding
