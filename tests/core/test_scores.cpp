@@ -8,23 +8,13 @@
 #include "moebal/core/scores.hpp"
 #include "moebal/testing/gradcheck.hpp"
 #include "support/matchers.hpp"
+#include "support/random.hpp"
 
 using moebal::Index;
 using moebal::RowMatrix;
 using moebal::ScoreFunction;
 using moebal_test::IsCloseTo;
-
-namespace {
-
-RowMatrix<double> random_logits(Index rows, Index cols, double scale, unsigned seed) {
-  std::mt19937 engine(seed);
-  std::normal_distribution<double> normal(0.0, scale);
-  RowMatrix<double> x(rows, cols);
-  for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(engine);
-  return x;
-}
-
-}  // namespace
+using moebal_test::random_logits;
 
 TEMPLATE_TEST_CASE("softmax: hand-derived values", "[scores][softmax]", float, double) {
   using T = TestType;

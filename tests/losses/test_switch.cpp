@@ -12,6 +12,7 @@
 #include "moebal/core/scores.hpp"
 #include "moebal/testing/gradcheck.hpp"
 #include "support/matchers.hpp"
+#include "support/random.hpp"
 
 using moebal::Index;
 using moebal::RowMatrix;
@@ -20,6 +21,7 @@ using moebal::SwitchConvention;
 using moebal::SwitchOptions;
 using moebal_test::as_double;
 using moebal_test::IsCloseTo;
+using moebal_test::random_logits;
 
 namespace {
 
@@ -28,13 +30,6 @@ const SwitchConvention kConventions[] = {SwitchConvention::megatron,
                                          SwitchConvention::first_choice};
 const ScoreFunction kScores[] = {ScoreFunction::softmax, ScoreFunction::sigmoid};
 
-RowMatrix<double> random_logits(Index rows, Index cols, double scale, unsigned seed) {
-  std::mt19937 engine(seed);
-  std::normal_distribution<double> normal(0.0, scale);
-  RowMatrix<double> x(rows, cols);
-  for (Index i = 0; i < x.size(); ++i) x.data()[i] = normal(engine);
-  return x;
-}
 
 template <class T>
 constexpr bool is_float() {

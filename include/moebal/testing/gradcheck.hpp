@@ -81,6 +81,15 @@ inline void check_options(const char* function, const GradcheckOptions& options)
   }
 }
 
+inline void check_arguments(const char* function, const RowMatrix<double>& x,
+                            const RowMatrix<double>& analytic, const GradcheckOptions& options) {
+  check_options(function, options);
+  if (analytic.rows() != x.rows() || analytic.cols() != x.cols()) {
+    moebal::detail::throw_invalid(function, "analytic", "the shape of x",
+                                  moebal::detail::concat(analytic.rows(), " x ", analytic.cols()));
+  }
+}
+
 }  // namespace detail
 
 /// Central-difference gradient of a scalar function:
@@ -118,12 +127,7 @@ template <class Function>
 GradcheckReport gradcheck(Function&& function, const RowMatrix<double>& x,
                           const RowMatrix<double>& analytic,
                           const GradcheckOptions& options = {}) {
-  constexpr const char* name = "moebal::testing::gradcheck";
-  detail::check_options(name, options);
-  if (analytic.rows() != x.rows() || analytic.cols() != x.cols()) {
-    moebal::detail::throw_invalid(name, "analytic", "the shape of x",
-                                  moebal::detail::concat(analytic.rows(), " x ", analytic.cols()));
-  }
+  detail::check_arguments("moebal::testing::gradcheck", x, analytic, options);
   const RowMatrix<double> numerical = numerical_gradient(function, x, options.step);
   GradcheckReport report;
   for (Index i = 0; i < x.rows(); ++i) {
@@ -144,11 +148,7 @@ GradcheckReport directional_gradcheck(Function&& function, const RowMatrix<doubl
                                       std::uint64_t seed = 0,
                                       const GradcheckOptions& options = {}) {
   constexpr const char* name = "moebal::testing::directional_gradcheck";
-  detail::check_options(name, options);
-  if (analytic.rows() != x.rows() || analytic.cols() != x.cols()) {
-    moebal::detail::throw_invalid(name, "analytic", "the shape of x",
-                                  moebal::detail::concat(analytic.rows(), " x ", analytic.cols()));
-  }
+  detail::check_arguments(name, x, analytic, options);
   if (directions < 1) {
     moebal::detail::throw_invalid(name, "directions", "at least 1",
                                   moebal::detail::concat(directions));
