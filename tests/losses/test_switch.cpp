@@ -653,6 +653,18 @@ TEST_CASE("SwitchAuxLoss: bad input", "[loss][switch][errors]") {
                       "moebal::SwitchAuxLoss: argument 'options.mask': expected an empty mask "
                       "(SwitchAuxLoss takes the mask in forward), got a mask of length 4");
   }
+  {
+    SwitchOptions o;
+    o.convention = static_cast<SwitchConvention>(7);
+    CHECK_THROWS_WITH(moebal::SwitchAuxLoss<double>(3, 1, o),
+                      "moebal::SwitchAuxLoss: argument 'options.convention': expected megatron, "
+                      "huggingface or first_choice, got 7");
+    o = SwitchOptions{};
+    o.score = static_cast<ScoreFunction>(5);
+    CHECK_THROWS_WITH(moebal::switch_aux_loss(x, 1, o),
+                      "moebal::switch_aux_loss: argument 'options.score': expected softmax or "
+                      "sigmoid, got 5");
+  }
   moebal::SwitchAuxLoss<double> loss(3, 2);
   RowMatrix<double> g(4, 3);
   CHECK_THROWS_WITH(loss.backward(x, g),

@@ -45,11 +45,15 @@ enum class SwitchConvention {
   megatron,
   /// f_i = c_i / T: top-k counts, sum_i f_i = k, balanced value k: k times `megatron`.
   /// Hugging Face transformers `load_balancing_loss_func` (Mixtral, Qwen-MoE, OLMoE), whose
-  /// per-slot fractions are summed over the k slots; its `attention_mask` is our `mask`.
+  /// per-slot fractions are summed over the k slots; its `attention_mask` is our `mask`
+  /// (flattened batch-major, token b * S + s). HF computes one loss over every layer's gate
+  /// logits concatenated: to reproduce it, stack the layers' logits (layer-major) into one
+  /// matrix and repeat the mask once per layer.
   huggingface,
   /// f_i = (number of tokens whose first choice is i) / T: sum_i f_i = 1, balanced value 1.
   /// GShard, DeepSpeed `top1gating`/`top2gating`, Tutel and fairseq (l_aux = N^2 mean(me * ce)
-  /// with ce from the top-1 mask only).
+  /// with ce from the top-1 mask only). With a mask, padding is excluded from f, P and T as in
+  /// every convention here (DeepSpeed's `used_token` masks only the counts, not me or T).
   first_choice,
 };
 
@@ -170,8 +174,11 @@ class SwitchAuxLoss {
   SwitchAuxLoss(Index num_experts, Index k, const SwitchOptions& options = {})
       : SwitchAuxLoss("moebal::SwitchAuxLoss", num_experts, k, options) {}
 
+  /// N, the number of experts (columns of the logits).
   Index num_experts() const noexcept { return num_experts_; }
+  /// k, the experts selected per token.
   Index k() const noexcept { return k_; }
+  /// The options given at construction (the mask is always empty here).
   const SwitchOptions& options() const noexcept { return options_; }
 
   /// Phase 1: reads T x N logits (any Eigen dense expression of Scalar; row-major storage read
