@@ -1,0 +1,125 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// Internal: the two-pass row engine shared by the losses whose gradient flows through the
+// score function (sequence-level, CV2 of importance, DeepSeek device and communication).
+//
+// Pass 1 (forward) computes each real row's scores q_t (and, if asked, its top-k) and hands
+// them to the loss, which adds its batch sums; it keeps the row's normalizer, so that
+// pass 2 (backward) can rebuild q_t bitwise, ask the loss for d L / d q_t and push it through
+// the score function's vector-Jacobian product into the caller's buffer.
+
+#include <algorithm>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "moebal/core/error.hpp"
+#include "moebal/core/types.hpp"
+#include "moebal/detail/input.hpp"
+#include "moebal/detail/score_kernels.hpp"
+#include "moebal/detail/topk_kernels.hpp"
+
+namespace moebal {
+namespace detail {
+
+template <class Scalar>
+class ScoredRows {
+ public:
+  /// Sizes the per-row workspace for N experts and top-k selections of k (0: no selection).
+  void reset(Index num_experts, Index k, ScoreFunction score) {
+    n_ = num_experts;
+    k_ = k;
+    score_ = score;
+    raw_.resize(num_experts);
+    q_.resize(num_experts);
+    g_.resize(num_experts);
+    selected_.resize(static_cast<std::size_t>(std::max<Index>(k, 1)));
+    topk_.resize(num_experts, std::max<Index>(k, 1));
+    rows_ = -1;
+  }
+
+  Index num_experts() const noexcept { return n_; }
+  Index k() const noexcept { return k_; }
+  /// T of the last completed forward, or -1.
+  Index rows() const noexcept { return rows_; }
+  /// Whether row t of the last forward was a real token.
+  bool is_real(Index t) const { return norms_[static_cast<std::size_t>(t)].inv != Scalar(0); }
+
+  /// Pass 1. For each real row t (in order): visit(t, q, selected), with q the row's N scores
+  /// and selected its k top-k indices by decreasing score (ties to the lower index).
+  template <class Visit>
+  void forward(const char* function, const RowInput<Scalar>& x, const TokenMask& mask,
+               Visit&& visit) {
+    rows_ = -1;
+    const Index rows = x.rows();
+    norms_.resize(static_cast<std::size_t>(rows));
+    for (Index t = 0; t < rows; ++t) {
+      RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
+      if (!mask.is_real(t)) {
+        norm = RowNorm<Scalar>{};
+        continue;
+      }
+      const Scalar* row = x.data() + t * x.outerStride();
+      if (!raw_scores(row, n_, score_, raw_, norm)) throw_invalid_row(function, row, n_, t, score_);
+      scores_from_raw(raw_, norm, q_);
+      if (k_ > 0) topk_row(q_.data(), n_, k_, selected_.data(), topk_);
+      visit(t, static_cast<const Scalar*>(q_.data()), static_cast<const Index*>(selected_.data()));
+    }
+    rows_ = rows;
+  }
+
+  /// Checks that a backward call matches the last forward.
+  void check_backward(const char* function, const RowInput<Scalar>& x,
+                      const RowMatrixRef<Scalar>& out, double scale) const {
+    if (rows_ < 0) {
+      throw_invalid(function, "logits", "the logits of a completed forward",
+                    "a call before any forward completed");
+    }
+    if (x.rows() != rows_ || x.cols() != n_) {
+      throw_invalid(function, "logits",
+                    concat("the ", shape_string(rows_, n_), " logits given to forward"),
+                    concat("shape ", shape_string(x.rows(), x.cols())));
+    }
+    check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), rows_, n_);
+    check_finite_parameter(function, "scale", scale);
+  }
+
+  /// Pass 2. For each real row t: grad_row(t, q, selected, g) writes d L / d q_t into g
+  /// (length N, every element); the row's d L / d x_t = scale * VJP(g) is written (or added,
+  /// `Accumulate`) into out. Padded rows are zeroed (written) or left alone (accumulated).
+  template <bool Accumulate, class GradRow>
+  void backward(const char* function, const RowInput<Scalar>& x, RowMatrixRef<Scalar>& out,
+                Scalar scale, GradRow&& grad_row) {
+    for (Index t = 0; t < rows_; ++t) {
+      const RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
+      Scalar* dx = out.data() + t * out.outerStride();
+      if (norm.inv == Scalar(0)) {
+        if constexpr (!Accumulate) std::fill(dx, dx + n_, Scalar(0));
+        continue;
+      }
+      const Scalar* row = x.data() + t * x.outerStride();
+      RowNorm<Scalar> again;
+      if (!raw_scores(row, n_, score_, raw_, again)) throw_invalid_row(function, row, n_, t, score_);
+      scores_from_raw(raw_, norm, q_);
+      if (k_ > 0) topk_row(q_.data(), n_, k_, selected_.data(), topk_);
+      grad_row(t, static_cast<const Scalar*>(q_.data()),
+               static_cast<const Index*>(selected_.data()), g_.data());
+      const Scalar g_dot_q = dot_with_scores(g_.data(), raw_.data(), norm, n_);
+      score_vjp_row<Accumulate>(raw_.data(), norm, g_.data(), g_dot_q, scale, score_, n_, dx);
+    }
+  }
+
+ private:
+  Index n_ = 0;
+  Index k_ = 0;
+  ScoreFunction score_ = ScoreFunction::softmax;
+  ScratchArray<Scalar> raw_, q_, g_;
+  std::vector<Index> selected_;
+  TopkScratch<Scalar> topk_;
+  std::vector<RowNorm<Scalar>> norms_;
+  Index rows_ = -1;
+};
+
+}  // namespace detail
+}  // namespace moebal

@@ -1,0 +1,227 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// @file
+/// The router z-loss (ST-MoE, Zoph et al. 2022; Megatron-core `z_loss_func`; Hugging Face
+/// Switch Transformers `router_z_loss_func`): it keeps the router's logits small.
+///
+///   L = a (1/T) sum_t lse_t^2,   lse_t = log sum_j exp(x_tj)   (max-subtracted, stable)
+///   d L / d x_tj = a (2/T) lse_t p_tj,   p_t = softmax(x_t)
+///
+/// The z-loss acts on the logits directly: no score function and no selection are involved.
+/// A logit of -Inf means "expert disabled" and is allowed (it gets p = 0 and zero gradient);
+/// NaN and +Inf are rejected, and so is a real token whose logits are all -Inf. Stable for
+/// |logits| up to 1e4 and beyond (the row maximum is subtracted before exp).
+/// With a mask, the mean runs over real tokens (Megatron-core divides by the number of valid
+/// tokens); padded rows get zero gradient; with no real token L = 0.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "moebal/core/error.hpp"
+#include "moebal/core/types.hpp"
+#include "moebal/detail/input.hpp"
+#include "moebal/detail/score_kernels.hpp"
+
+namespace moebal {
+
+/// Options of the z-loss.
+struct ZLossOptions {
+  /// The coefficient a (Megatron `moe_z_loss_coeff`, HF `router_z_loss_coef`); finite.
+  double coefficient = 1.0;
+  /// Padding mask, length T, nonzero = real token (a view; see `TokenMask`).
+  TokenMask mask{};
+};
+
+/// Result of `z_loss`.
+template <class Scalar>
+struct ZLossResult {
+  /// L = a (1/T) sum_t lse_t^2.
+  Scalar loss = Scalar(0);
+  /// d L / d logits, T x N row-major (zero rows for padding).
+  RowMatrix<Scalar> grad;
+  /// T, the number of real tokens.
+  std::int64_t tokens = 0;
+  /// (1/T) sum_t lse_t^2 without the coefficient (0 when T = 0).
+  double mean_squared_lse = 0.0;
+};
+
+/// The z-loss as a reusable object that allocates nothing in steady state: `forward` reads the
+/// logits once and keeps lse_t and the softmax normalizer per token; `backward` writes (or
+/// `backward_accumulate` adds) scale * d L / d logits into the caller's row-major buffer.
+/// @tparam Scalar float or double (sums over tokens accumulate in double).
+template <class Scalar>
+class ZLoss {
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::ZLoss<Scalar>: Scalar must be float or double");
+
+ public:
+  /// @param coefficient a, finite. @throws moebal::invalid_argument otherwise.
+  explicit ZLoss(double coefficient = 1.0) : coefficient_(coefficient) {
+    detail::check_finite_parameter("moebal::ZLoss", "coefficient", coefficient);
+  }
+
+  /// Reads T x N logits (any Eigen expression of Scalar; row-major read in place) and returns
+  /// L. @param mask length T, nonzero = real token.
+  /// @throws moebal::invalid_argument for T = 0 or N = 0, a mask of the wrong length or with
+  ///   NaN, a NaN or +Inf logit in a real row, or a real row of all -Inf.
+  template <class Derived>
+  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+    assert_scalar<Derived>();
+    return forward_impl("moebal::ZLoss::forward", detail::RowInput<Scalar>(logits), mask);
+  }
+
+  /// dloss_dlogits = scale * d L / d logits for the logits of the last forward.
+  template <class Derived>
+  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
+                Scalar scale = Scalar(1)) {
+    assert_scalar<Derived>();
+    backward_impl<false>("moebal::ZLoss::backward", detail::RowInput<Scalar>(logits),
+                         dloss_dlogits, scale);
+  }
+
+  /// dloss_dlogits += scale * d L / d logits (padded rows untouched).
+  template <class Derived>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
+                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+    assert_scalar<Derived>();
+    backward_impl<true>("moebal::ZLoss::backward_accumulate", detail::RowInput<Scalar>(logits),
+                        dloss_dlogits, scale);
+  }
+
+  /// L of the last forward.
+  Scalar loss() const noexcept { return static_cast<Scalar>(coefficient_ * mean_squared_lse_); }
+  /// (1/T) sum_t lse_t^2 of the last forward (no coefficient).
+  double mean_squared_lse() const noexcept { return mean_squared_lse_; }
+  /// T, real tokens of the last forward.
+  std::int64_t tokens() const noexcept { return tokens_; }
+  /// The coefficient a.
+  double coefficient() const noexcept { return coefficient_; }
+
+  // Internal: used by the one-line form to name itself in error messages.
+  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                      const TokenMask& mask) {
+    rows_ = -1;
+    detail::check_logits_shape(function, x.rows(), x.cols());
+    detail::check_mask(function, mask, x.rows());
+    const Index rows = x.rows(), n = x.cols();
+    cols_ = n;
+    raw_.resize(n);
+    norms_.resize(static_cast<std::size_t>(rows));
+    lse_.resize(static_cast<std::size_t>(rows));
+    double sum = 0.0;
+    std::int64_t tokens = 0;
+    for (Index t = 0; t < rows; ++t) {
+      detail::RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
+      if (!mask.is_real(t)) {
+        norm = detail::RowNorm<Scalar>{};  // inv == 0 marks padding
+        continue;
+      }
+      const Scalar* row = x.data() + t * x.outerStride();
+      if (!detail::raw_scores(row, n, ScoreFunction::softmax, raw_, norm)) {
+        detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
+      }
+      const Scalar lse = norm.shift - std::log(norm.inv);
+      lse_[static_cast<std::size_t>(t)] = lse;
+      sum += double(lse) * double(lse);
+      ++tokens;
+    }
+    tokens_ = tokens;
+    mean_squared_lse_ = tokens > 0 ? sum / double(tokens) : 0.0;
+    rows_ = rows;
+    return loss();
+  }
+
+ private:
+  template <class Derived>
+  static constexpr void assert_scalar() {
+    static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
+                  "moebal::ZLoss<Scalar> takes logits of the same Scalar: use ZLoss<float> for "
+                  "float logits and ZLoss<double> for double");
+  }
+
+  template <bool Accumulate>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                     RowMatrixRef<Scalar>& out, Scalar scale) {
+    if (rows_ < 0) {
+      detail::throw_invalid(function, "logits", "the logits of a completed forward",
+                            "a call before any forward completed");
+    }
+    if (x.rows() != rows_ || x.cols() != cols_) {
+      detail::throw_invalid(
+          function, "logits",
+          detail::concat("the ", detail::shape_string(rows_, cols_), " logits given to forward"),
+          detail::concat("shape ", detail::shape_string(x.rows(), x.cols())));
+    }
+    detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), rows_, cols_);
+    detail::check_finite_parameter(function, "scale", double(scale));
+    const Index n = cols_;
+    // d L / d x_tj = a (2/T) lse_t p_tj.
+    const double factor = tokens_ > 0 ? double(scale) * coefficient_ * 2.0 / double(tokens_) : 0.0;
+    for (Index t = 0; t < rows_; ++t) {
+      const detail::RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
+      Scalar* dx = out.data() + t * out.outerStride();
+      if (norm.inv == Scalar(0)) {
+        if constexpr (!Accumulate) std::fill(dx, dx + n, Scalar(0));
+        continue;
+      }
+      const Scalar* row = x.data() + t * x.outerStride();
+      detail::RowNorm<Scalar> again;
+      if (!detail::raw_scores(row, n, ScoreFunction::softmax, raw_, again)) {
+        detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
+      }
+      const Scalar row_factor =
+          static_cast<Scalar>(factor * double(lse_[static_cast<std::size_t>(t)])) * norm.inv;
+      for (Index j = 0; j < n; ++j) {
+        if constexpr (Accumulate) {
+          dx[j] += row_factor * raw_[j];
+        } else {
+          dx[j] = row_factor * raw_[j];
+        }
+      }
+    }
+  }
+
+  double coefficient_;
+  detail::ScratchArray<Scalar> raw_;
+  std::vector<detail::RowNorm<Scalar>> norms_;
+  std::vector<Scalar> lse_;
+  Index rows_ = -1;
+  Index cols_ = 0;
+  std::int64_t tokens_ = 0;
+  double mean_squared_lse_ = 0.0;
+};
+
+/// The router z-loss and its gradient in one call: L = a (1/T) sum_t (logsumexp x_t)^2,
+/// d L / d x_tj = a (2/T) lse_t softmax(x_t)_j (ST-MoE; Megatron-core `z_loss_func`).
+/// @param logits T x N, float or double, any Eigen dense expression (row-major read in place,
+///   column-major converted once). -Inf logits (disabled experts) are allowed.
+/// @param options coefficient a and padding mask.
+/// @return loss, grad (T x N row-major), tokens and the mean squared log-sum-exp.
+/// @throws moebal::invalid_argument for T = 0 or N = 0, a non-finite coefficient, a mask of
+///   the wrong length or with NaN, NaN or +Inf logits, or a real row of all -Inf.
+template <class Derived>
+ZLossResult<typename Derived::Scalar> z_loss(const Eigen::MatrixBase<Derived>& logits,
+                                             const ZLossOptions& options = {}) {
+  using Scalar = typename Derived::Scalar;
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::z_loss: logits must be float or double; cast them first");
+  constexpr const char* function = "moebal::z_loss";
+  detail::check_finite_parameter(function, "options.coefficient", options.coefficient);
+  const detail::RowInput<Scalar> x(logits);
+  ZLoss<Scalar> loss(options.coefficient);
+  ZLossResult<Scalar> result;
+  result.loss = loss.forward_impl(function, x, options.mask);
+  result.grad.resize(x.rows(), x.cols());
+  loss.backward(x, result.grad);
+  result.tokens = loss.tokens();
+  result.mean_squared_lse = loss.mean_squared_lse();
+  return result;
+}
+
+}  // namespace moebal
