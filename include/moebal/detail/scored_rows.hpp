@@ -48,9 +48,11 @@ class ScoredRows {
 
   /// Pass 1. For each real row t (in order): visit(t, q, selected), with q the row's N scores
   /// and selected its k top-k indices by decreasing score (ties to the lower index).
+  /// With `raw_out`, each real row's raw scores are also left in that buffer for a backward
+  /// with `raw_in_out` (the fused form: the output buffer carries the scores between passes).
   template <class Visit>
   void forward(const char* function, const RowInput<Scalar>& x, const TokenMask& mask,
-               Visit&& visit) {
+               Visit&& visit, RowMatrixRef<Scalar>* raw_out = nullptr) {
     rows_ = -1;
     const Index rows = x.rows();
     norms_.resize(static_cast<std::size_t>(rows));
@@ -65,6 +67,7 @@ class ScoredRows {
       scores_from_raw(raw_, norm, q_);
       if (k_ > 0) topk_row(q_.data(), n_, k_, selected_.data(), topk_);
       visit(t, static_cast<const Scalar*>(q_.data()), static_cast<const Index*>(selected_.data()));
+      if (raw_out != nullptr) raw_out->row(t) = raw_.transpose().matrix();
     }
     rows_ = rows;
   }
@@ -88,9 +91,22 @@ class ScoredRows {
   /// Pass 2. For each real row t: grad_row(t, q, selected, g) writes d L / d q_t into g
   /// (length N, every element); the row's d L / d x_t = scale * VJP(g) is written (or added,
   /// `Accumulate`) into out. Padded rows are zeroed (written) or left alone (accumulated).
+  /// `raw_in_out`: the forward left each real row's raw scores in `out` (write form only);
+  /// otherwise they are recomputed from x. `reselect`: recompute the top-k for grad_row
+  /// (otherwise `selected` is not meaningful in grad_row).
   template <bool Accumulate, class GradRow>
   void backward(const char* function, const RowInput<Scalar>& x, RowMatrixRef<Scalar>& out,
-                Scalar scale, GradRow&& grad_row) {
+                Scalar scale, GradRow&& grad_row, bool raw_in_out = false, bool reselect = true) {
+    backward<Accumulate>(function, x, out, scale, grad_row, [](Index, Scalar*) {}, raw_in_out,
+                         reselect);
+  }
+
+  /// As above; then after_row(t, dx) may add a term of its own to the finished row dx.
+  template <bool Accumulate, class GradRow, class AfterRow>
+  void backward(const char* function, const RowInput<Scalar>& x, RowMatrixRef<Scalar>& out,
+                Scalar scale, GradRow&& grad_row, AfterRow&& after_row, bool raw_in_out,
+                bool reselect) {
+    MOEBAL_ASSERT(!(Accumulate && raw_in_out));
     for (Index t = 0; t < rows_; ++t) {
       const RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
       Scalar* dx = out.data() + t * out.outerStride();
@@ -98,17 +114,29 @@ class ScoredRows {
         if constexpr (!Accumulate) std::fill(dx, dx + n_, Scalar(0));
         continue;
       }
-      const Scalar* row = x.data() + t * x.outerStride();
-      RowNorm<Scalar> again;
-      if (!raw_scores(row, n_, score_, raw_, again)) throw_invalid_row(function, row, n_, t, score_);
-      scores_from_raw(raw_, norm, q_);
-      if (k_ > 0) topk_row(q_.data(), n_, k_, selected_.data(), topk_);
+      const Scalar* raw = dx;
+      if (!raw_in_out) {
+        const Scalar* row = x.data() + t * x.outerStride();
+        RowNorm<Scalar> again;
+        if (!raw_scores(row, n_, score_, raw_, again)) {
+          throw_invalid_row(function, row, n_, t, score_);
+        }
+        raw = raw_.data();
+      }
+      for (Index j = 0; j < n_; ++j) q_[j] = raw[j] * norm.inv;
+      if (k_ > 0 && reselect) topk_row(q_.data(), n_, k_, selected_.data(), topk_);
       grad_row(t, static_cast<const Scalar*>(q_.data()),
                static_cast<const Index*>(selected_.data()), g_.data());
-      const Scalar g_dot_q = dot_with_scores(g_.data(), raw_.data(), norm, n_);
-      score_vjp_row<Accumulate>(raw_.data(), norm, g_.data(), g_dot_q, scale, score_, n_, dx);
+      const Scalar g_dot_q = dot_with_scores(g_.data(), raw, norm, n_);
+      score_vjp_row<Accumulate>(raw, norm, g_.data(), g_dot_q, scale, score_, n_, dx);
+      after_row(t, dx);
     }
   }
+
+  /// Row t's normalizer from the last forward (valid inside `visit` for the current row).
+  const RowNorm<Scalar>& norm(Index t) const { return norms_[static_cast<std::size_t>(t)]; }
+  /// Row t's scores as rebuilt by the current backward (valid inside `after_row`).
+  const Scalar* current_scores() const { return q_.data(); }
 
  private:
   Index n_ = 0;

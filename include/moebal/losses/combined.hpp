@@ -1,0 +1,398 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// @file
+/// The combined balance objective in one pass: a weighted sum of the Switch loss, the router
+/// z-loss, the sequence-level loss and importance CV^2,
+///   L = w_switch L_switch + w_z L_z + w_seq L_seq + w_cv2 L_cv2
+/// with each term defined as in its own header (coefficient 1 inside each term, so the weights
+/// are the terms' coefficients). One pass over the logits computes the scores, the top-k and
+/// every term's sums (the score sums serve as both the Switch P and the CV^2 importance, the
+/// softmax normalizer gives the z-loss's log-sum-exp); a second pass writes one gradient:
+///   d L / d q_tj = w_switch N f_j / T + w_seq N f_j^s / (B' T_s) + w_cv2 h_j
+/// through the score function's VJP, plus the z-loss's w_z (2/T) lse_t softmax(x_t)_j.
+/// The importance term uses dense gates; the sequence term uses the same convention and score
+/// function as the Switch term. A term whose weight is 0 costs nothing and is reported as 0.
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "moebal/core/error.hpp"
+#include "moebal/core/types.hpp"
+#include "moebal/detail/input.hpp"
+#include "moebal/detail/scored_rows.hpp"
+#include "moebal/losses/cv2.hpp"
+#include "moebal/losses/sequence.hpp"
+#include "moebal/losses/switch.hpp"
+
+namespace moebal {
+
+/// The weights of the combined objective (each term's coefficient).
+struct CombinedWeights {
+  double switch_loss = 1.0;
+  double z = 0.0;
+  double sequence = 0.0;
+  double cv2_importance = 0.0;
+};
+
+/// Options of the combined objective.
+struct CombinedOptions {
+  CombinedWeights weights;
+  /// f's convention for the Switch and sequence terms.
+  SwitchConvention convention = SwitchConvention::megatron;
+  /// Score function of the Switch, sequence and CV^2 terms (the z-loss always uses logsumexp).
+  ScoreFunction score = ScoreFunction::softmax;
+  /// Required when `weights.sequence != 0`.
+  std::optional<SequenceLayout> layout;
+  SequenceMaskMode mask_mode = SequenceMaskMode::own_length;
+  Cv2Variance cv2_variance = Cv2Variance::population;
+  /// Padding mask (used by the one-line form; the object takes it in `forward`).
+  TokenMask mask{};
+};
+
+/// Each term's weighted contribution to the combined value.
+struct CombinedTerms {
+  double switch_loss = 0.0;
+  double z = 0.0;
+  double sequence = 0.0;
+  double cv2_importance = 0.0;
+};
+
+/// Result of `combined_aux_loss`.
+template <class Scalar>
+struct CombinedResult {
+  /// L, the weighted sum.
+  Scalar loss = Scalar(0);
+  /// d L / d logits, T x N row-major.
+  RowMatrix<Scalar> grad;
+  /// w_term * L_term for each term.
+  CombinedTerms terms;
+  /// The Switch term's statistics (counts, f, P), coefficient w_switch.
+  SwitchStats stats;
+};
+
+namespace detail {
+
+inline void check_combined_options(const char* function, Index num_experts, Index k,
+                                   const CombinedOptions& options) {
+  SwitchOptions switch_options;
+  switch_options.convention = options.convention;
+  switch_options.score = options.score;
+  check_switch_config(function, num_experts, k, switch_options);
+  const CombinedWeights& w = options.weights;
+  check_finite_parameter(function, "options.weights.switch_loss", w.switch_loss);
+  check_finite_parameter(function, "options.weights.z", w.z);
+  check_finite_parameter(function, "options.weights.sequence", w.sequence);
+  check_finite_parameter(function, "options.weights.cv2_importance", w.cv2_importance);
+  if (w.sequence != 0.0 && !options.layout) {
+    throw_invalid(function, "options.layout",
+                  "a sequence layout when the sequence weight is nonzero", "none");
+  }
+  if (w.cv2_importance != 0.0 && options.cv2_variance == Cv2Variance::unbiased &&
+      num_experts < 2) {
+    throw_invalid(function, "num_experts", "at least 2 experts for the unbiased variance",
+                  concat(num_experts));
+  }
+}
+
+}  // namespace detail
+
+/// The combined objective as a reusable object (no allocation in steady state).
+/// @tparam Scalar float or double (sums accumulate in double).
+template <class Scalar>
+class CombinedAuxLoss {
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::CombinedAuxLoss<Scalar>: Scalar must be float or double");
+
+ public:
+  /// @throws moebal::invalid_argument for invalid N, k, weights, or a missing layout.
+  CombinedAuxLoss(Index num_experts, Index k, const CombinedOptions& options = {})
+      : options_(options) {
+    detail::check_combined_options("moebal::CombinedAuxLoss", num_experts, k, options);
+    options_.mask = TokenMask{};
+    rows_.reset(num_experts, k, options.score);
+    statistics_ = RoutingStatistics(num_experts);
+    softmax_raw_.resize(num_experts);
+  }
+
+  /// Reads T x N logits and returns L.
+  template <class Derived>
+  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+    static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
+                  "moebal::CombinedAuxLoss<Scalar> takes logits of the same Scalar");
+    return forward_impl("moebal::CombinedAuxLoss::forward", detail::RowInput<Scalar>(logits),
+                        mask, nullptr);
+  }
+
+  /// dloss_dlogits = scale * d L / d logits for the logits of the last forward.
+  template <class Derived>
+  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
+                Scalar scale = Scalar(1)) {
+    backward_impl<false>("moebal::CombinedAuxLoss::backward", detail::RowInput<Scalar>(logits),
+                         dloss_dlogits, scale, false);
+  }
+
+  /// dloss_dlogits += scale * d L / d logits.
+  template <class Derived>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
+                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+    backward_impl<true>("moebal::CombinedAuxLoss::backward_accumulate",
+                        detail::RowInput<Scalar>(logits), dloss_dlogits, scale, false);
+  }
+
+  /// Both passes: returns L and writes dloss_dlogits = scale * d L / d logits (the output
+  /// buffer carries the scores between the passes).
+  template <class Derived>
+  Scalar forward_backward(const Eigen::MatrixBase<Derived>& logits,
+                          RowMatrixRef<Scalar> dloss_dlogits, const TokenMask& mask = {},
+                          Scalar scale = Scalar(1)) {
+    static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
+                  "moebal::CombinedAuxLoss<Scalar> takes logits of the same Scalar");
+    return forward_backward_impl("moebal::CombinedAuxLoss::forward_backward",
+                                 detail::RowInput<Scalar>(logits), dloss_dlogits, mask, scale);
+  }
+
+  Scalar loss() const noexcept { return static_cast<Scalar>(loss_); }
+  /// Each term's weighted value of the last forward.
+  const CombinedTerms& terms() const noexcept { return terms_; }
+  /// T, c_i, first-choice counts and score sums of the last forward.
+  const RoutingStatistics& statistics() const noexcept { return statistics_; }
+
+  /// The Switch term's counts, f and P (coefficient w_switch).
+  SwitchStats stats() const {
+    SwitchStats s;
+    const double tokens = statistics_.tokens();
+    s.tokens = static_cast<std::int64_t>(tokens);
+    s.tokens_per_expert = statistics_.counts().template cast<std::int64_t>();
+    s.first_choice_tokens = statistics_.first_choice_counts().template cast<std::int64_t>();
+    s.f = f_;
+    s.P = tokens > 0 ? Eigen::VectorXd(statistics_.score_sums() / tokens)
+                     : Eigen::VectorXd::Zero(rows_.num_experts());
+    s.balanced_value = options_.weights.switch_loss *
+                       (options_.convention == SwitchConvention::huggingface ? double(rows_.k()) : 1.0);
+    return s;
+  }
+
+  // Internal: the one-line form names itself in error messages.
+  Scalar forward_backward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                               RowMatrixRef<Scalar>& out, const TokenMask& mask, Scalar scale) {
+    detail::check_finite_parameter(function, "scale", double(scale));
+    detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(),
+                               x.cols());
+    const Scalar value = forward_impl(function, x, mask, &out);
+    backward_impl<false>(function, x, out, scale, true);
+    return value;
+  }
+
+ private:
+  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                      const TokenMask& mask, RowMatrixRef<Scalar>* raw_out) {
+    detail::check_logits_shape(function, x.rows(), x.cols());
+    const Index n = rows_.num_experts(), k = rows_.k(), rows = x.rows();
+    if (x.cols() != n) {
+      detail::throw_invalid(function, "logits",
+                            detail::concat("N = ", n, " expert columns (as constructed)"),
+                            detail::concat("shape ", detail::shape_string(x.rows(), x.cols())));
+    }
+    detail::check_mask(function, mask, rows);
+    const CombinedWeights& w = options_.weights;
+    const bool use_z = w.z != 0.0, use_seq = w.sequence != 0.0;
+    Index sequences = 0;
+    if (use_seq) {
+      options_.layout->validate(function, rows);
+      options_.layout->assign(rows, sequence_of_);
+      sequences = options_.layout->num_sequences(rows);
+      seq_counts_.setZero(sequences, n);
+      seq_first_.setZero(sequences, n);
+      seq_sums_.setZero(sequences, n);
+      seq_tokens_.setZero(sequences);
+    }
+    if (use_z) lse_.resize(static_cast<std::size_t>(rows));
+    statistics_.clear();
+    double& tokens = statistics_.mutable_tokens();
+    auto counts = statistics_.mutable_counts();
+    auto first = statistics_.mutable_first_choice_counts();
+    auto sums = statistics_.mutable_score_sums();
+    double z_sum = 0.0;
+    const bool softmax_scores = options_.score == ScoreFunction::softmax;
+    rows_.forward(
+        function, x, mask,
+        [&](Index t, const Scalar* q, const Index* selected) {
+          tokens += 1.0;
+          for (Index i = 0; i < k; ++i) counts[selected[i]] += 1.0;
+          first[selected[0]] += 1.0;
+          for (Index j = 0; j < n; ++j) sums[j] += double(q[j]);
+          if (use_seq) {
+            const Index s = sequence_of_[static_cast<std::size_t>(t)];
+            seq_tokens_[s] += 1.0;
+            for (Index i = 0; i < k; ++i) seq_counts_(s, selected[i]) += 1.0;
+            seq_first_(s, selected[0]) += 1.0;
+            for (Index j = 0; j < n; ++j) seq_sums_(s, j) += double(q[j]);
+          }
+          if (use_z) {
+            detail::RowNorm<Scalar> norm = rows_.norm(t);
+            if (!softmax_scores) {
+              const Scalar* row = x.data() + t * x.outerStride();
+              if (!detail::raw_scores(row, n, ScoreFunction::softmax, softmax_raw_, norm)) {
+                detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
+              }
+            }
+            const Scalar lse = norm.shift - std::log(norm.inv);
+            lse_[static_cast<std::size_t>(t)] = lse;
+            z_sum += double(lse) * double(lse);
+          }
+        },
+        raw_out);
+    finish(z_sum, sequences);
+    return loss();
+  }
+
+  // Values and the per-expert gradient vectors from the sums.
+  void finish(double z_sum, Index sequences) {
+    const Index n = rows_.num_experts(), k = rows_.k();
+    const CombinedWeights& w = options_.weights;
+    const double tokens = statistics_.tokens();
+    terms_ = CombinedTerms{};
+    f_.setZero(n);
+    g_batch_.setZero(n);
+    if (tokens > 0) {
+      if (options_.convention == SwitchConvention::megatron) {
+        f_ = statistics_.counts() / (tokens * double(k));
+      } else if (options_.convention == SwitchConvention::huggingface) {
+        f_ = statistics_.counts() / tokens;
+      } else {
+        f_ = statistics_.first_choice_counts() / tokens;
+      }
+      // Switch: L = N sum_i f_i S_i / T, d L / d q_tj = N f_j / T.
+      terms_.switch_loss = w.switch_loss * double(n) * f_.dot(statistics_.score_sums()) / tokens;
+      g_batch_ += w.switch_loss * double(n) / tokens * f_;
+      terms_.z = w.z * z_sum / tokens;
+    }
+    if (w.cv2_importance != 0.0) {
+      importance_ = statistics_.score_sums();
+      terms_.cv2_importance =
+          detail::cv2_and_gradient(importance_, options_.cv2_variance, w.cv2_importance, h_);
+      g_batch_ += h_;
+    }
+    seq_factor_.setZero(sequences);
+    if (w.sequence != 0.0 && sequences > 0) {
+      // Per-sequence f and the factor N / (B' T_s) of d L / d q_tj = w N f_j^s / (B' T_s).
+      const double total = seq_tokens_.sum();
+      Eigen::VectorXd denominators = seq_tokens_;
+      double averaged;
+      if (options_.mask_mode == SequenceMaskMode::megatron_mean_length) {
+        denominators.setConstant(total / double(sequences));
+        averaged = total > 0 ? double(sequences) : 0.0;
+      } else {
+        averaged = double((seq_tokens_.array() > 0).count());
+      }
+      seq_f_.setZero(sequences, n);
+      double sum = 0.0;
+      for (Index s = 0; s < sequences; ++s) {
+        const double d = denominators[s];
+        if (d <= 0 || seq_tokens_[s] <= 0) continue;
+        if (options_.convention == SwitchConvention::megatron) {
+          seq_f_.row(s) = seq_counts_.row(s) / (d * double(k));
+        } else if (options_.convention == SwitchConvention::huggingface) {
+          seq_f_.row(s) = seq_counts_.row(s) / d;
+        } else {
+          seq_f_.row(s) = seq_first_.row(s) / d;
+        }
+        sum += double(n) * seq_f_.row(s).dot(seq_sums_.row(s)) / d;
+        seq_factor_[s] = w.sequence * double(n) / (averaged * d);
+      }
+      terms_.sequence = averaged > 0 ? w.sequence * sum / averaged : 0.0;
+    }
+    g_batch_compute_ = g_batch_.array().template cast<Scalar>();
+    loss_ = terms_.switch_loss + terms_.z + terms_.sequence + terms_.cv2_importance;
+  }
+
+  template <bool Accumulate>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                     RowMatrixRef<Scalar>& out, Scalar scale, bool raw_in_out) {
+    rows_.check_backward(function, x, out, double(scale));
+    const Index n = rows_.num_experts();
+    const bool use_z = options_.weights.z != 0.0 && statistics_.tokens() > 0;
+    const bool use_seq = options_.weights.sequence != 0.0;
+    const bool softmax_scores = options_.score == ScoreFunction::softmax;
+    const double z_factor =
+        use_z ? double(scale) * options_.weights.z * 2.0 / statistics_.tokens() : 0.0;
+    const Scalar* gb = g_batch_compute_.data();
+    rows_.template backward<Accumulate>(
+        function, x, out, scale,
+        [&](Index t, const Scalar*, const Index*, Scalar* g) {
+          if (!use_seq) {
+            std::copy(gb, gb + n, g);
+            return;
+          }
+          const Index s = sequence_of_[static_cast<std::size_t>(t)];
+          const double factor = seq_factor_[s];
+          for (Index j = 0; j < n; ++j) g[j] = gb[j] + static_cast<Scalar>(factor * seq_f_(s, j));
+        },
+        [&](Index t, Scalar* dx) {
+          if (!use_z) return;
+          // z-loss: d L / d x_tj = w_z (2/T) lse_t softmax(x_t)_j.
+          const Scalar c = static_cast<Scalar>(z_factor * double(lse_[static_cast<std::size_t>(t)]));
+          if (softmax_scores) {
+            const Scalar* p = rows_.current_scores();
+            for (Index j = 0; j < n; ++j) dx[j] += c * p[j];
+            return;
+          }
+          const Scalar* row = x.data() + t * x.outerStride();
+          detail::RowNorm<Scalar> norm;
+          if (!detail::raw_scores(row, n, ScoreFunction::softmax, softmax_raw_, norm)) {
+            detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
+          }
+          for (Index j = 0; j < n; ++j) dx[j] += c * softmax_raw_[j] * norm.inv;
+        },
+        raw_in_out, false);
+  }
+
+  CombinedOptions options_;
+  detail::ScoredRows<Scalar> rows_;
+  RoutingStatistics statistics_;
+  detail::ScratchArray<Scalar> softmax_raw_;
+  std::vector<Scalar> lse_;
+  std::vector<Index> sequence_of_;
+  Eigen::MatrixXd seq_counts_, seq_first_, seq_sums_, seq_f_;
+  Eigen::VectorXd seq_tokens_, seq_factor_;
+  Eigen::VectorXd f_, g_batch_, importance_, h_;
+  detail::ScratchArray<Scalar> g_batch_compute_;
+  CombinedTerms terms_;
+  double loss_ = 0.0;
+};
+
+/// The combined objective and its gradient in one call (see the file comment).
+/// @param logits T x N, float or double. @param k experts per token.
+/// @param options weights, convention, score, sequence layout (if the sequence weight is
+///   nonzero), mask mode, CV^2 variance, mask.
+/// @return loss, grad, each term's weighted value, and the Switch term's stats.
+/// @throws moebal::invalid_argument as the single terms, and for a missing layout.
+template <class Derived>
+CombinedResult<typename Derived::Scalar> combined_aux_loss(const Eigen::MatrixBase<Derived>& logits,
+                                                           Index k,
+                                                           const CombinedOptions& options) {
+  using Scalar = typename Derived::Scalar;
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::combined_aux_loss: logits must be float or double");
+  constexpr const char* function = "moebal::combined_aux_loss";
+  const detail::RowInput<Scalar> x(logits);
+  detail::check_logits_shape(function, x.rows(), x.cols());
+  detail::check_combined_options(function, x.cols(), k, options);
+  CombinedAuxLoss<Scalar> loss(x.cols(), k, options);
+  CombinedResult<Scalar> result;
+  result.grad.resize(x.rows(), x.cols());
+  RowMatrixRef<Scalar> grad(result.grad);
+  result.loss = loss.forward_backward_impl(function, x, grad, options.mask, Scalar(1));
+  result.terms = loss.terms();
+  result.stats = loss.stats();
+  return result;
+}
+
+}  // namespace moebal
