@@ -32,8 +32,9 @@ namespace moebal {
 
 /// Load balance of a vector of per-expert loads c_0..c_{N-1} (c_i >= 0, S = sum_i c_i).
 /// With S > 0:
-///   max_vio            = max_i c_i / mean(c) - 1                      (0 = balanced, N - 1 at most)
-///   cv                 = sqrt((1/N) sum_i (c_i - mean(c))^2) / mean(c) (0 = balanced)
+///   max_vio            = max_i c_i / mean(c) - 1          (0 = balanced, at most N - 1)
+///   cv                 = sqrt((1/N) sum_i (c_i - mean(c))^2) / mean(c)     (0 = balanced;
+///                        population variance: cv^2 is `cv2_load`'s load CV^2 at a = 1)
 ///   normalized_entropy = -sum_i p_i log p_i / log N, p = c / S, 0 log 0 = 0
 ///                        (1 = balanced, 0 = one expert takes everything; 1 when N = 1)
 ///   min_share, max_share = min_i p_i, max_i p_i                       (both 1/N when balanced)
@@ -137,7 +138,8 @@ inline BalanceMetrics balance_metrics_impl(const char* function,
 }
 
 inline SpecializationMetrics specialization_metrics_impl(
-    const char* function, const Eigen::Ref<const RowMatrix<double>, 0, Eigen::OuterStride<>>& table) {
+    const char* function,
+    const Eigen::Ref<const RowMatrix<double>, 0, Eigen::OuterStride<>>& table) {
   const Index domains = table.rows(), experts = table.cols();
   MOEBAL_ASSERT(domains >= 1 && experts >= 1);
   double max_value = 0.0;
@@ -198,8 +200,8 @@ constexpr void assert_real_counts() {
 /// Free Load Balancing Strategy for Mixture-of-Experts" (2024, arXiv:2408.15664):
 /// MaxVio = (max_i Load_i - mean Load) / mean Load, with Load_i the tokens routed to expert i
 /// (for top-k counts, mean Load = T k / N, the load under perfect balance). The coefficient of
-/// variation is the imbalance measure of Shazeer et al. 2017 (whose importance loss is cv^2);
-/// the normalized entropy is the entropy of the load shares divided by its maximum, log N.
+/// variation is the imbalance measure behind Shazeer et al. 2017's importance and load losses
+/// (w CV^2); the normalized entropy is the entropy of the load shares divided by its maximum, log N.
 /// With S = sum c = 0 (no token), max_vio, cv, normalized_entropy, min_share and max_share are
 /// all 0, empty_experts = N and total = 0.
 ///
@@ -223,9 +225,9 @@ BalanceMetrics balance_metrics(const Eigen::MatrixBase<Derived>& counts) {
     detail::throw_invalid(function, "counts", "a vector (one row or one column)",
                           detail::concat(detail::shape_string(rows, cols), " matrix"));
   }
-  const Eigen::VectorXd values = cols == 1
-                                     ? Eigen::VectorXd(counts.col(0).template cast<double>())
-                                     : Eigen::VectorXd(counts.row(0).transpose().template cast<double>());
+  const Eigen::VectorXd values =
+      cols == 1 ? Eigen::VectorXd(counts.col(0).template cast<double>())
+                : Eigen::VectorXd(counts.row(0).transpose().template cast<double>());
   return detail::balance_metrics_impl(function, values);
 }
 
@@ -324,8 +326,9 @@ Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic> domain_expert_counts
 /// serves one domain; or H(E | D) = 0: every domain uses one expert). The geometric or
 /// arithmetic mean of H(D) and H(E), the other common choices (Strehl and Ghosh 2002;
 /// scikit-learn's default), reach 1 only when both hold (domains and used experts one-to-one),
-/// which top-k routing with k > 1 never produces. Expert-task mutual information as a specialization measure: Chen et al. 2023,
-/// "Mod-Squad: Designing Mixtures of Experts As Modular Multi-Task Learners".
+/// which top-k routing with k > 1 never produces. Expert-task mutual information as a measure
+/// of specialization: Chen et al. 2023, "Mod-Squad: Designing Mixtures of Experts As Modular
+/// Multi-Task Learners".
 /// With S = 0 every metric is 0.
 ///
 /// @param table D x N (D, N >= 1) non-negative counts, integer (the output of

@@ -15,8 +15,9 @@
 /// both give the convention's balanced value, and sum gives n_layers times it; so a pooled
 /// coefficient a corresponds to a mean coefficient a and a sum coefficient a / n_layers only in
 /// that balanced limit.
-/// Every layer has the same T x N shape; the mask (length T) applies to every layer, as
-/// Hugging Face repeats its attention mask per layer.
+/// Every layer has the same T x N shape. The mask has either T elements, applied to every
+/// layer (as Hugging Face repeats its attention mask per layer), or n_layers T elements, one
+/// per row of the layers stacked layer-major.
 
 #include <cstdint>
 #include <type_traits>
@@ -59,8 +60,8 @@ struct LayersResult {
 /// The Switch loss over layers with the chosen aggregation, and each layer's gradient.
 /// @param layers one T x N logits matrix per layer (any Eigen dense type, float or double,
 ///   all the same shape; row-major read in place).
-/// @param k experts per token. @param options convention, score, coefficient, mask (length T,
-///   applied to every layer). @param aggregation sum, mean or pooled.
+/// @param k experts per token. @param options convention, score, coefficient, mask (length T
+///   for every layer, or n_layers T layer-major). @param aggregation sum, mean or pooled.
 /// @throws moebal::invalid_argument for no layer, layers of different shapes, and as
 ///   `switch_aux_loss`.
 template <class Matrix>
@@ -92,8 +93,11 @@ LayersResult<typename Matrix::Scalar> switch_aux_loss_layers(const std::vector<M
     }
   }
   detail::check_switch_config(function, cols, k, options);
-  detail::check_mask(function, options.mask, rows);
   const Index count = static_cast<Index>(layers.size());
+  const bool per_layer_mask = !options.mask.empty() && options.mask.size() == rows * count &&
+                              count > 1;
+  if (!per_layer_mask) detail::check_mask(function, options.mask, rows);
+  else detail::check_mask(function, options.mask, rows * count);
   LayersResult<Scalar> result;
   result.layer_losses.assign(layers.size(), 0.0);
   SwitchOptions loss_options = options;
@@ -105,8 +109,11 @@ LayersResult<typename Matrix::Scalar> switch_aux_loss_layers(const std::vector<M
   for (Index l = 0; l < count; ++l) stacked.middleRows(l * rows, rows) = layers[std::size_t(l)];
   if (!options.mask.empty()) {
     repeated.resize(rows * count);
-    for (Index l = 0; l < count; ++l)
-      for (Index t = 0; t < rows; ++t) repeated[l * rows + t] = options.mask.is_real(t) ? 1 : 0;
+    for (Index l = 0; l < count; ++l) {
+      for (Index t = 0; t < rows; ++t) {
+        repeated[l * rows + t] = options.mask.is_real(per_layer_mask ? l * rows + t : t) ? 1 : 0;
+      }
+    }
   }
   const TokenMask stacked_mask = options.mask.empty() ? TokenMask{} : TokenMask(repeated);
   SwitchAuxLoss<Scalar> pooled(cols, k, loss_options);
@@ -144,8 +151,10 @@ LayersResult<typename Matrix::Scalar> switch_aux_loss_layers(const std::vector<M
   for (Index l = 0; l < count; ++l) {
     RowMatrix<Scalar>& grad = result.grads[std::size_t(l)];
     grad.resize(rows, cols);
+    const TokenMask layer_mask =
+        options.mask.empty() ? TokenMask{} : TokenMask(repeated.data() + l * rows, rows);
     const Scalar value =
-        single.forward_backward(layers[std::size_t(l)], grad, options.mask, Scalar(weight));
+        single.forward_backward(layers[std::size_t(l)], grad, layer_mask, Scalar(weight));
     result.layer_losses[std::size_t(l)] = double(value);
     total += double(value);
   }
