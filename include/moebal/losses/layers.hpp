@@ -96,8 +96,14 @@ LayersResult<typename Matrix::Scalar> switch_aux_loss_layers(const std::vector<M
   const Index count = static_cast<Index>(layers.size());
   const bool per_layer_mask = !options.mask.empty() && options.mask.size() == rows * count &&
                               count > 1;
-  if (!per_layer_mask) detail::check_mask(function, options.mask, rows);
-  else detail::check_mask(function, options.mask, rows * count);
+  if (!options.mask.empty() && options.mask.size() != rows && !per_layer_mask) {
+    detail::throw_invalid(function, "mask",
+                          detail::concat("one element per token (length T = ", rows,
+                                         ") or per stacked row (length n_layers T = ",
+                                         rows * count, ")"),
+                          detail::concat("length ", options.mask.size()));
+  }
+  detail::check_mask(function, options.mask, per_layer_mask ? rows * count : rows);
   LayersResult<Scalar> result;
   result.layer_losses.assign(layers.size(), 0.0);
   SwitchOptions loss_options = options;

@@ -149,6 +149,24 @@ struct SequenceOptions {
   TokenMask mask{};
 };
 
+namespace detail {
+
+inline void check_sequence_options(const char* function, Index num_experts, Index k,
+                                   const SequenceOptions& options) {
+  SwitchOptions switch_options;
+  switch_options.convention = options.convention;
+  switch_options.score = options.score;
+  switch_options.coefficient = options.coefficient;
+  check_switch_config(function, num_experts, k, switch_options);
+  if (options.mask_mode != SequenceMaskMode::own_length &&
+      options.mask_mode != SequenceMaskMode::megatron_mean_length) {
+    throw_invalid(function, "options.mask_mode", "own_length or megatron_mean_length",
+                  concat(int(options.mask_mode)));
+  }
+}
+
+}  // namespace detail
+
 /// Result of `sequence_aux_loss`.
 template <class Scalar>
 struct SequenceAuxResult {
@@ -178,17 +196,7 @@ class SequenceAuxLoss {
   SequenceAuxLoss(Index num_experts, Index k, SequenceLayout layout,
                   const SequenceOptions& options = {})
       : layout_(std::move(layout)), options_(options) {
-    constexpr const char* function = "moebal::SequenceAuxLoss";
-    SwitchOptions switch_options;
-    switch_options.convention = options.convention;
-    switch_options.score = options.score;
-    switch_options.coefficient = options.coefficient;
-    detail::check_switch_config(function, num_experts, k, switch_options);
-    if (options.mask_mode != SequenceMaskMode::own_length &&
-        options.mask_mode != SequenceMaskMode::megatron_mean_length) {
-      detail::throw_invalid(function, "options.mask_mode", "own_length or megatron_mean_length",
-                            detail::concat(int(options.mask_mode)));
-    }
+    detail::check_sequence_options("moebal::SequenceAuxLoss", num_experts, k, options);
     options_.mask = TokenMask{};
     rows_.reset(num_experts, k, options.score);
   }
@@ -326,11 +334,7 @@ SequenceAuxResult<typename Derived::Scalar> sequence_aux_loss(
   constexpr const char* function = "moebal::sequence_aux_loss";
   const detail::RowInput<Scalar> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
-  SwitchOptions switch_options;
-  switch_options.convention = options.convention;
-  switch_options.score = options.score;
-  switch_options.coefficient = options.coefficient;
-  detail::check_switch_config(function, x.cols(), k, switch_options);
+  detail::check_sequence_options(function, x.cols(), k, options);
   SequenceAuxLoss<Scalar> loss(x.cols(), k, layout, options);
   SequenceAuxResult<Scalar> result;
   result.loss = loss.forward_impl(function, x, options.mask);
