@@ -32,6 +32,7 @@
 #include <Eigen/Core>
 #include <benchmark/benchmark.h>
 
+#include "moebal/losses/combined.hpp"
 #include "moebal/losses/switch.hpp"
 
 namespace {
@@ -309,6 +310,28 @@ void BM_Moebal_ForwardThenBackward(benchmark::State& state) {
   set_counters(state, tokens, experts, sizeof(S));
 }
 
+// The combined objective (Switch + z-loss + sequence-level + importance CV^2, one pass) with
+// every term active, for the "at most 1.3x the Switch loss alone" target. Sequences of 1024
+// tokens, sequence-major (Megatron-core).
+template <class S>
+void BM_Combined_ForwardBackward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::CombinedOptions options;
+  options.weights = {1e-2, 1e-3, 1e-3, 1e-2};
+  options.layout = moebal::SequenceLayout::sequence_major(tokens >= 1024 ? 1024 : tokens);
+  moebal::CombinedAuxLoss<S> loss(experts, k, options);
+  RowMatrix<S> grad = RowMatrix<S>::Zero(tokens, experts);
+  benchmark::DoNotOptimize(loss.forward_backward(x, grad));
+  for (auto _ : state) {
+    S value = loss.forward_backward(x, grad);
+    benchmark::DoNotOptimize(value);
+    benchmark::DoNotOptimize(grad.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, tokens, experts, sizeof(S));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Registration, shape by shape (so each shape's logits are generated once).
 
@@ -341,6 +364,7 @@ void register_shape(const Shape& shape, bool with_copy) {
       {"BM_Moebal_Forward", &BM_Moebal_Forward<S>},
       {"BM_Moebal_ForwardBackward", &BM_Moebal_ForwardBackward<S>},
       {"BM_Moebal_ForwardThenBackward", &BM_Moebal_ForwardThenBackward<S>},
+      {"BM_Combined_ForwardBackward", &BM_Combined_ForwardBackward<S>},
   };
   for (const auto& [name, function] : benchmarks) {
     configure(benchmark::RegisterBenchmark((name + suffix).c_str(), function),

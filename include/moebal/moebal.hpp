@@ -3,7 +3,8 @@
 
 /// @file
 /// The umbrella header: everything in moebal that needs only Eigen and the standard library.
-/// The public finite-difference helper is `<moebal/testing/gradcheck.hpp>` (opt-in).
+/// Opt-in, not included here: the finite-difference helper `<moebal/testing/gradcheck.hpp>`
+/// and the Eigen::Tensor adapter `<moebal/tensor.hpp>`.
 
 #include "moebal/version.hpp"
 
@@ -12,4 +13,11 @@
 #include "moebal/core/statistics.hpp"
 #include "moebal/core/topk.hpp"
 #include "moebal/core/types.hpp"
+#include "moebal/losses/combined.hpp"
+#include "moebal/losses/cv2.hpp"
+#include "moebal/losses/deepseek.hpp"
+#include "moebal/losses/layers.hpp"
+#include "moebal/losses/sequence.hpp"
 #include "moebal/losses/switch.hpp"
+#include "moebal/losses/z.hpp"
+#include "moebal/metrics.hpp"

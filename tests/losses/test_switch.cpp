@@ -511,6 +511,16 @@ TEST_CASE("switch_aux_loss: selection is on the scores as computed", "[loss][swi
   CHECK(moebal::switch_aux_loss(xd, 1, o).stats.tokens_per_expert[1] == 1);
 }
 
+TEST_CASE("switch_aux_loss: stats carry the balance metrics of the counts", "[loss][switch]") {
+  // Uniform logits, k = 1: every token picks expert 0: counts (T, 0, 0, 0), MaxVio = N - 1 = 3,
+  // three empty experts, normalized entropy 0.
+  const auto r = moebal::switch_aux_loss(RowMatrix<double>::Zero(10, 4), 1);
+  CHECK(r.stats.balance.max_vio == Approx(3.0));
+  CHECK(r.stats.balance.empty_experts == 3);
+  CHECK(r.stats.balance.normalized_entropy == Approx(0.0).margin(1e-15));
+  CHECK(r.stats.balance.max_share == Approx(1.0));
+}
+
 TEST_CASE("switch_aux_loss: a batch with no real token", "[loss][switch]") {
   const RowMatrix<double> x = random_logits(4, 3, 1.0, 71);
   const Eigen::VectorXi none = Eigen::VectorXi::Zero(4);

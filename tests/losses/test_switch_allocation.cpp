@@ -16,7 +16,12 @@
 
 #include <catch2/catch.hpp>
 
+#include "moebal/losses/combined.hpp"
+#include "moebal/losses/cv2.hpp"
+#include "moebal/losses/deepseek.hpp"
+#include "moebal/losses/sequence.hpp"
 #include "moebal/losses/switch.hpp"
+#include "moebal/losses/z.hpp"
 
 namespace {
 bool counting = false;
@@ -83,4 +88,50 @@ TEMPLATE_TEST_CASE("SwitchAuxLoss: no allocation in steady state", "[loss][switc
       }
     }
   }
+}
+
+TEMPLATE_TEST_CASE("Loss family objects: no allocation in steady state", "[loss][alloc]", float,
+                   double) {
+  using T = TestType;
+  using moebal::RowMatrix;
+  const moebal::Index rows = 1024, cols = 16;
+  const RowMatrix<T> logits = RowMatrix<T>::Random(rows, cols);
+  RowMatrix<T> grad(rows, cols);
+  Eigen::VectorXi mask = Eigen::VectorXi::Ones(rows);
+  mask[5] = 0;
+  const moebal::TokenMask m(mask);
+
+  moebal::CombinedOptions combined_options;
+  combined_options.weights = {1.0, 0.1, 0.2, 0.3};
+  combined_options.layout = moebal::SequenceLayout::sequence_major(256);
+  moebal::CombinedAuxLoss<T> combined(cols, 2, combined_options);
+  moebal::ZLoss<T> z(0.1);
+  moebal::Cv2Options cv2_options;
+  cv2_options.gates = moebal::ImportanceGates::topk;
+  moebal::Cv2ImportanceLoss<T> cv2(cols, 2, cv2_options);
+  moebal::SequenceAuxLoss<T> sequence(cols, 2, moebal::SequenceLayout::segments({100, 900, 24}));
+  moebal::DeviceBalanceOptions device_options;
+  device_options.devices = 4;
+  device_options.max_devices = 2;
+  moebal::DeviceBalanceLoss<T> device(cols, 2, moebal::DeviceBalanceKind::communication,
+                                      device_options);
+  auto run = [&] {
+    combined.forward_backward(logits, grad, m);
+    combined.forward(logits, m);
+    combined.backward_accumulate(logits, grad);
+    z.forward(logits, m);
+    z.backward(logits, grad);
+    cv2.forward(logits, m);
+    cv2.backward(logits, grad);
+    sequence.forward(logits, m);
+    sequence.backward_accumulate(logits, grad);
+    device.forward(logits, m);
+    device.backward(logits, grad);
+  };
+  run();  // sizes the workspaces
+  {
+    NoAllocationScope scope;
+    run();
+  }
+  CHECK(allocations == 0);
 }

@@ -27,9 +27,13 @@ template <class Scalar>
 class ScoredRows {
  public:
   /// Sizes the per-row workspace for N experts and top-k selections of k (0: no selection).
-  void reset(Index num_experts, Index k, ScoreFunction score) {
+  /// `unordered`: when a row has no tie around its top k, visit receives selected == nullptr
+  /// and the selection is {j : q_j >= threshold()}, with first choice the unique q_j == top()
+  /// (the branch-free fast path; the loss counts with vector adds).
+  void reset(Index num_experts, Index k, ScoreFunction score, bool unordered = false) {
     n_ = num_experts;
     k_ = k;
+    unordered_ = unordered && k <= kThresholdTopkMaxK;
     score_ = score;
     raw_.resize(num_experts);
     q_.resize(num_experts);
@@ -65,8 +69,15 @@ class ScoredRows {
       const Scalar* row = x.data() + t * x.outerStride();
       if (!raw_scores(row, n_, score_, raw_, norm)) throw_invalid_row(function, row, n_, t, score_);
       scores_from_raw(raw_, norm, q_);
-      if (k_ > 0) topk_row(q_.data(), n_, k_, selected_.data(), topk_);
-      visit(t, static_cast<const Scalar*>(q_.data()), static_cast<const Index*>(selected_.data()));
+      const Index* selected = selected_.data();
+      if (k_ > 0) {
+        if (unordered_ && topk_threshold(q_.data(), n_, k_, tau_, top_)) {
+          selected = nullptr;
+        } else {
+          topk_row(q_.data(), n_, k_, selected_.data(), topk_);
+        }
+      }
+      visit(t, static_cast<const Scalar*>(q_.data()), selected);
       if (raw_out != nullptr) raw_out->row(t) = raw_.transpose().matrix();
     }
     rows_ = rows;
@@ -133,6 +144,11 @@ class ScoredRows {
     }
   }
 
+  /// The current row's k-th largest score when visit received selected == nullptr.
+  Scalar threshold() const noexcept { return tau_; }
+  /// The current row's (unique) largest score when visit received selected == nullptr.
+  Scalar top() const noexcept { return top_; }
+
   /// Row t's normalizer from the last forward (valid inside `visit` for the current row).
   const RowNorm<Scalar>& norm(Index t) const { return norms_[static_cast<std::size_t>(t)]; }
   /// Row t's scores as rebuilt by the current backward (valid inside `after_row`).
@@ -141,6 +157,8 @@ class ScoredRows {
  private:
   Index n_ = 0;
   Index k_ = 0;
+  bool unordered_ = false;
+  Scalar tau_ = Scalar(0), top_ = Scalar(0);
   ScoreFunction score_ = ScoreFunction::softmax;
   ScratchArray<Scalar> raw_, q_, g_;
   std::vector<Index> selected_;

@@ -116,7 +116,7 @@ class CombinedAuxLoss {
       : options_(options) {
     detail::check_combined_options("moebal::CombinedAuxLoss", num_experts, k, options);
     options_.mask = TokenMask{};
-    rows_.reset(num_experts, k, options.score);
+    rows_.reset(num_experts, k, options.score, /*unordered=*/true);
     statistics_ = RoutingStatistics(num_experts);
     softmax_raw_.resize(num_experts);
   }
@@ -176,6 +176,7 @@ class CombinedAuxLoss {
                      : Eigen::VectorXd::Zero(rows_.num_experts());
     s.balanced_value = options_.weights.switch_loss *
                        (options_.convention == SwitchConvention::huggingface ? double(rows_.k()) : 1.0);
+    s.balance = balance_metrics(s.tokens_per_expert);
     return s;
   }
 
@@ -225,15 +226,29 @@ class CombinedAuxLoss {
         function, x, mask,
         [&](Index t, const Scalar* q, const Index* selected) {
           tokens += 1.0;
-          for (Index i = 0; i < k; ++i) counts[selected[i]] += 1.0;
-          first[selected[0]] += 1.0;
-          for (Index j = 0; j < n; ++j) sums[j] += double(q[j]);
+          // Adds this row's selection to count vectors c (top-k) and c1 (first choice).
+          auto count = [&](double* c, double* c1) {
+            if (selected == nullptr) {  // no tie: {q >= tau}, first choice the unique maximum
+              const Scalar tau = rows_.threshold(), top = rows_.top();
+              for (Index j = 0; j < n; ++j) {
+                c[j] += q[j] >= tau ? 1.0 : 0.0;
+                c1[j] += q[j] == top ? 1.0 : 0.0;
+              }
+              return;
+            }
+            for (Index i = 0; i < k; ++i) c[selected[i]] += 1.0;
+            c1[selected[0]] += 1.0;
+          };
           if (use_seq) {
+            // Per-sequence sums only; the batch sums are their totals (added after the pass).
             const Index s = sequence_of_[static_cast<std::size_t>(t)];
             seq_tokens_[s] += 1.0;
-            for (Index i = 0; i < k; ++i) seq_counts_(s, selected[i]) += 1.0;
-            seq_first_(s, selected[0]) += 1.0;
-            for (Index j = 0; j < n; ++j) seq_sums_(s, j) += double(q[j]);
+            count(seq_counts_.data() + s * n, seq_first_.data() + s * n);
+            double* row_sums = seq_sums_.data() + s * n;
+            for (Index j = 0; j < n; ++j) row_sums[j] += double(q[j]);
+          } else {
+            count(counts.data(), first.data());
+            for (Index j = 0; j < n; ++j) sums[j] += double(q[j]);
           }
           if (use_z) {
             detail::RowNorm<Scalar> norm = rows_.norm(t);
@@ -249,6 +264,13 @@ class CombinedAuxLoss {
           }
         },
         raw_out);
+    if (use_seq) {
+      for (Index s = 0; s < sequences; ++s) {
+        counts += seq_counts_.row(s).transpose();
+        first += seq_first_.row(s).transpose();
+        sums += seq_sums_.row(s).transpose();
+      }
+    }
     finish(z_sum, sequences);
     return loss();
   }
@@ -284,7 +306,8 @@ class CombinedAuxLoss {
     if (w.sequence != 0.0 && sequences > 0) {
       // Per-sequence f and the factor N / (B' T_s) of d L / d q_tj = w N f_j^s / (B' T_s).
       const double total = seq_tokens_.sum();
-      Eigen::VectorXd denominators = seq_tokens_;
+      Eigen::VectorXd& denominators = seq_denominators_;
+      denominators = seq_tokens_;
       double averaged;
       if (options_.mask_mode == SequenceMaskMode::megatron_mean_length) {
         denominators.setConstant(total / double(sequences));
@@ -310,6 +333,11 @@ class CombinedAuxLoss {
       terms_.sequence = averaged > 0 ? w.sequence * sum / averaged : 0.0;
     }
     g_batch_compute_ = g_batch_.array().template cast<Scalar>();
+    // The sequence term's d L / d q per sequence, in the compute type: w N f^s / (B' T_s).
+    seq_g_.resize(sequences, n);
+    for (Index s = 0; s < sequences; ++s) {
+      seq_g_.row(s) = (seq_factor_[s] * seq_f_.row(s)).template cast<Scalar>();
+    }
     loss_ = terms_.switch_loss + terms_.z + terms_.sequence + terms_.cv2_importance;
   }
 
@@ -332,8 +360,8 @@ class CombinedAuxLoss {
             return;
           }
           const Index s = sequence_of_[static_cast<std::size_t>(t)];
-          const double factor = seq_factor_[s];
-          for (Index j = 0; j < n; ++j) g[j] = gb[j] + static_cast<Scalar>(factor * seq_f_(s, j));
+          const Scalar* gs = seq_g_.data() + s * n;
+          for (Index j = 0; j < n; ++j) g[j] = gb[j] + gs[j];
         },
         [&](Index t, Scalar* dx) {
           if (!use_z) return;
@@ -360,8 +388,9 @@ class CombinedAuxLoss {
   detail::ScratchArray<Scalar> softmax_raw_;
   std::vector<Scalar> lse_;
   std::vector<Index> sequence_of_;
-  Eigen::MatrixXd seq_counts_, seq_first_, seq_sums_, seq_f_;
-  Eigen::VectorXd seq_tokens_, seq_factor_;
+  RowMatrix<double> seq_counts_, seq_first_, seq_sums_, seq_f_;  // sequences x N
+  RowMatrix<Scalar> seq_g_;                                      // sequences x N
+  Eigen::VectorXd seq_tokens_, seq_factor_, seq_denominators_;
   Eigen::VectorXd f_, g_batch_, importance_, h_;
   detail::ScratchArray<Scalar> g_batch_compute_;
   CombinedTerms terms_;

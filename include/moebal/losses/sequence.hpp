@@ -233,7 +233,7 @@ class SequenceAuxLoss {
   /// Real tokens per sequence of the last forward.
   const Eigen::VectorXd& sequence_tokens() const noexcept { return tokens_; }
   /// Top-k counts, sequences x N, of the last forward.
-  const Eigen::MatrixXd& counts() const noexcept { return counts_; }
+  const RowMatrix<double>& counts() const noexcept { return counts_; }
 
   // Internal: the one-line form names itself in error messages.
   Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
@@ -311,7 +311,7 @@ class SequenceAuxLoss {
   SequenceOptions options_;
   detail::ScoredRows<Scalar> rows_;
   std::vector<Index> sequence_of_;
-  Eigen::MatrixXd counts_, first_, sums_, f_;
+  RowMatrix<double> counts_, first_, sums_, f_;  // sequences x N
   Eigen::VectorXd tokens_, denominators_, sequence_losses_;
   double averaged_ = 0.0;
   double loss_ = 0.0;

@@ -35,6 +35,7 @@
 #include "moebal/detail/reduce.hpp"
 #include "moebal/detail/score_kernels.hpp"
 #include "moebal/detail/topk_kernels.hpp"
+#include "moebal/metrics.hpp"
 
 namespace moebal {
 
@@ -100,6 +101,9 @@ struct SwitchStats {
   /// first_choice) or a k (huggingface). loss / balanced_value >= 1 measures imbalance only
   /// approximately (P and f are not independent), but equals 1 at uniform scores and counts.
   double balanced_value = 0.0;
+  /// Balance metrics of the top-k counts (MaxVio, CV, normalized entropy, shares, empty
+  /// experts): see `balance_metrics` in <moebal/metrics.hpp>.
+  BalanceMetrics balance;
 };
 
 /// Result of `switch_aux_loss`.
@@ -243,6 +247,7 @@ class SwitchAuxLoss {
                      : Eigen::VectorXd::Zero(num_experts_);
     s.balanced_value = options_.coefficient *
                        (options_.convention == SwitchConvention::huggingface ? double(k_) : 1.0);
+    s.balance = balance_metrics(s.tokens_per_expert);
     return s;
   }
 
