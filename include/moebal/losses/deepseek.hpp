@@ -2,8 +2,10 @@
 #pragma once
 
 /// @file
-/// DeepSeek-V2's device-level and communication balance losses (DeepSeek-AI 2024,
-/// "DeepSeek-V2", section 2.2.2 "Auxiliary Loss for Load Balance", equations 14-20).
+/// DeepSeek-V2's device-level and communication balance losses (DeepSeek-AI 2024, "DeepSeek-V2:
+/// A Strong, Economical, and Efficient Mixture-of-Experts Language Model", arXiv:2405.04434,
+/// section "Auxiliary Loss for Load Balance": the device-level and communication balance
+/// losses, next to the expert-level loss that is our Switch loss in the Megatron convention).
 ///
 /// The N experts are split into D equal groups E_1..E_D of consecutive experts (one group per
 /// device). With T real tokens, k experts per token, c_i the top-k counts and
