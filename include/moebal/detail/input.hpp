@@ -42,6 +42,15 @@ inline void check_logits_shape(const char* function, Index rows, Index cols) {
   }
 }
 
+/// Checks that logits are a non-empty T x N matrix with the N columns a loss was built for.
+inline void check_logits_columns(const char* function, Index rows, Index cols, Index expected) {
+  check_logits_shape(function, rows, cols);
+  if (cols != expected) {
+    throw_invalid(function, "logits", concat("N = ", expected, " expert columns (as constructed)"),
+                  concat("shape ", shape_string(rows, cols)));
+  }
+}
+
 /// Checks 1 <= k <= N.
 inline void check_k(const char* function, Index k, Index num_experts) {
   if (k < 1 || k > num_experts) {

@@ -166,18 +166,8 @@ class CombinedAuxLoss {
 
   /// The Switch term's counts, f and P (coefficient w_switch).
   SwitchStats stats() const {
-    SwitchStats s;
-    const double tokens = statistics_.tokens();
-    s.tokens = static_cast<std::int64_t>(tokens);
-    s.tokens_per_expert = statistics_.counts().template cast<std::int64_t>();
-    s.first_choice_tokens = statistics_.first_choice_counts().template cast<std::int64_t>();
-    s.f = f_;
-    s.P = tokens > 0 ? Eigen::VectorXd(statistics_.score_sums() / tokens)
-                     : Eigen::VectorXd::Zero(rows_.num_experts());
-    s.balanced_value = options_.weights.switch_loss *
-                       (options_.convention == SwitchConvention::huggingface ? double(rows_.k()) : 1.0);
-    s.balance = balance_metrics(s.tokens_per_expert);
-    return s;
+    return detail::make_switch_stats(statistics_, f_, options_.weights.switch_loss,
+                                     options_.convention, rows_.k());
   }
 
   // Internal: the one-line form names itself in error messages.
@@ -194,13 +184,8 @@ class CombinedAuxLoss {
  private:
   Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                       const TokenMask& mask, RowMatrixRef<Scalar>* raw_out) {
-    detail::check_logits_shape(function, x.rows(), x.cols());
     const Index n = rows_.num_experts(), k = rows_.k(), rows = x.rows();
-    if (x.cols() != n) {
-      detail::throw_invalid(function, "logits",
-                            detail::concat("N = ", n, " expert columns (as constructed)"),
-                            detail::concat("shape ", detail::shape_string(x.rows(), x.cols())));
-    }
+    detail::check_logits_columns(function, x.rows(), x.cols(), n);
     detail::check_mask(function, mask, rows);
     const CombinedWeights& w = options_.weights;
     const bool use_z = w.z != 0.0, use_seq = w.sequence != 0.0;
@@ -284,13 +269,8 @@ class CombinedAuxLoss {
     f_.setZero(n);
     g_batch_.setZero(n);
     if (tokens > 0) {
-      if (options_.convention == SwitchConvention::megatron) {
-        f_ = statistics_.counts() / (tokens * double(k));
-      } else if (options_.convention == SwitchConvention::huggingface) {
-        f_ = statistics_.counts() / tokens;
-      } else {
-        f_ = statistics_.first_choice_counts() / tokens;
-      }
+      detail::load_fraction(options_.convention, statistics_.counts(),
+                            statistics_.first_choice_counts(), tokens, k, f_);
       // Switch: L = N sum_i f_i S_i / T, d L / d q_tj = N f_j / T.
       terms_.switch_loss = w.switch_loss * double(n) * f_.dot(statistics_.score_sums()) / tokens;
       g_batch_ += w.switch_loss * double(n) / tokens * f_;
@@ -320,13 +300,8 @@ class CombinedAuxLoss {
       for (Index s = 0; s < sequences; ++s) {
         const double d = denominators[s];
         if (d <= 0 || seq_tokens_[s] <= 0) continue;
-        if (options_.convention == SwitchConvention::megatron) {
-          seq_f_.row(s) = seq_counts_.row(s) / (d * double(k));
-        } else if (options_.convention == SwitchConvention::huggingface) {
-          seq_f_.row(s) = seq_counts_.row(s) / d;
-        } else {
-          seq_f_.row(s) = seq_first_.row(s) / d;
-        }
+        detail::load_fraction(options_.convention, seq_counts_.row(s), seq_first_.row(s), d, k,
+                              seq_f_.row(s));
         sum += double(n) * seq_f_.row(s).dot(seq_sums_.row(s)) / d;
         seq_factor_[s] = w.sequence * double(n) / (averaged * d);
       }

@@ -185,13 +185,7 @@ class Cv2ImportanceLoss {
   // Internal: the one-line form names itself in error messages.
   Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                       const TokenMask& mask) {
-    detail::check_logits_shape(function, x.rows(), x.cols());
-    if (x.cols() != rows_.num_experts()) {
-      detail::throw_invalid(function, "logits",
-                            detail::concat("N = ", rows_.num_experts(),
-                                           " expert columns (as constructed)"),
-                            detail::concat("shape ", detail::shape_string(x.rows(), x.cols())));
-    }
+    detail::check_logits_columns(function, x.rows(), x.cols(), rows_.num_experts());
     detail::check_mask(function, mask, x.rows());
     importance_.setZero();
     tokens_ = 0;

@@ -152,13 +152,8 @@ class DeviceBalanceLoss {
   // Internal: the one-line forms name themselves in error messages.
   Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                       const TokenMask& mask) {
-    detail::check_logits_shape(function, x.rows(), x.cols());
     const Index n = rows_.num_experts(), k = rows_.k(), devices = options_.devices;
-    if (x.cols() != n) {
-      detail::throw_invalid(function, "logits",
-                            detail::concat("N = ", n, " expert columns (as constructed)"),
-                            detail::concat("shape ", detail::shape_string(x.rows(), x.cols())));
-    }
+    detail::check_logits_columns(function, x.rows(), x.cols(), n);
     detail::check_mask(function, mask, x.rows());
     counts_.setZero();
     reached_.setZero();

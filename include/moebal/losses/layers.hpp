@@ -15,6 +15,9 @@
 /// both give the convention's balanced value, and sum gives n_layers times it; so a pooled
 /// coefficient a corresponds to a mean coefficient a and a sum coefficient a / n_layers only in
 /// that balanced limit.
+/// This one-line helper allocates; in a training loop the same results come without
+/// allocation from one `SwitchAuxLoss` per layer (sum: backward with scale 1; mean: scale
+/// 1 / n_layers) or, for pooled, one `SwitchAuxLoss` over a buffer holding the stacked rows.
 /// Every layer has the same T x N shape. The mask has either T elements, applied to every
 /// layer (as Hugging Face repeats its attention mask per layer), or n_layers T elements, one
 /// per row of the layers stacked layer-major.

@@ -238,13 +238,8 @@ class SequenceAuxLoss {
   // Internal: the one-line form names itself in error messages.
   Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                       const TokenMask& mask) {
-    detail::check_logits_shape(function, x.rows(), x.cols());
     const Index n = rows_.num_experts(), k = rows_.k();
-    if (x.cols() != n) {
-      detail::throw_invalid(function, "logits",
-                            detail::concat("N = ", n, " expert columns (as constructed)"),
-                            detail::concat("shape ", detail::shape_string(x.rows(), x.cols())));
-    }
+    detail::check_logits_columns(function, x.rows(), x.cols(), n);
     detail::check_mask(function, mask, x.rows());
     layout_.validate(function, x.rows());
     layout_.assign(x.rows(), sequence_of_);
@@ -276,13 +271,7 @@ class SequenceAuxLoss {
     for (Index s = 0; s < sequences; ++s) {
       const double d = denominators_[s];
       if (d <= 0 || tokens_[s] <= 0) continue;
-      if (options_.convention == SwitchConvention::megatron) {
-        f_.row(s) = counts_.row(s) / (d * double(k));
-      } else if (options_.convention == SwitchConvention::huggingface) {
-        f_.row(s) = counts_.row(s) / d;
-      } else {
-        f_.row(s) = first_.row(s) / d;
-      }
+      detail::load_fraction(options_.convention, counts_.row(s), first_.row(s), d, k, f_.row(s));
       sequence_losses_[s] = a * double(n) * f_.row(s).dot(sums_.row(s)) / d;
     }
     averaged_ = averaged;

@@ -141,6 +141,37 @@ inline void check_switch_config(const char* function, Index num_experts, Index k
   }
 }
 
+/// Writes f in the convention: c / (T k) (megatron), c / T (huggingface) or first / T
+/// (first_choice), from top-k counts c and first-choice counts over T tokens (T > 0).
+template <class Counts, class First, class Out>
+void load_fraction(SwitchConvention convention, const Counts& counts, const First& first,
+                   double tokens, Index k, Out&& f) {
+  if (convention == SwitchConvention::megatron) {
+    f = counts / (tokens * double(k));
+  } else if (convention == SwitchConvention::huggingface) {
+    f = counts / tokens;
+  } else {
+    f = first / tokens;
+  }
+}
+
+/// The Switch statistics (counts, f, P, balanced value, balance metrics) from batch sums.
+inline SwitchStats make_switch_stats(const RoutingStatistics& statistics, const Eigen::VectorXd& f,
+                                     double coefficient, SwitchConvention convention, Index k) {
+  SwitchStats s;
+  const double tokens = statistics.tokens();
+  s.tokens = static_cast<std::int64_t>(tokens);
+  s.tokens_per_expert = statistics.counts().template cast<std::int64_t>();
+  s.first_choice_tokens = statistics.first_choice_counts().template cast<std::int64_t>();
+  s.f = f;
+  s.P = tokens > 0 ? Eigen::VectorXd(statistics.score_sums() / tokens)
+                   : Eigen::VectorXd::Zero(statistics.num_experts());
+  s.balanced_value =
+      coefficient * (convention == SwitchConvention::huggingface ? double(k) : 1.0);
+  s.balance = balance_metrics(s.tokens_per_expert);
+  return s;
+}
+
 /// Rows per accumulation chunk. Chunk partial sums are combined in chunk order, so sums do not
 /// depend on how chunks are later spread over threads.
 inline constexpr Index kSwitchChunkRows = 512;
@@ -237,18 +268,8 @@ class SwitchAuxLoss {
 
   /// Counts, f, P and the balanced value of the last forward.
   SwitchStats stats() const {
-    SwitchStats s;
-    const double tokens = statistics_.tokens();
-    s.tokens = static_cast<std::int64_t>(tokens);
-    s.tokens_per_expert = statistics_.counts().template cast<std::int64_t>();
-    s.first_choice_tokens = statistics_.first_choice_counts().template cast<std::int64_t>();
-    s.f = f_;
-    s.P = tokens > 0 ? Eigen::VectorXd(statistics_.score_sums() / tokens)
-                     : Eigen::VectorXd::Zero(num_experts_);
-    s.balanced_value = options_.coefficient *
-                       (options_.convention == SwitchConvention::huggingface ? double(k_) : 1.0);
-    s.balance = balance_metrics(s.tokens_per_expert);
-    return s;
+    return detail::make_switch_stats(statistics_, f_, options_.coefficient, options_.convention,
+                                     k_);
   }
 
  private:
@@ -284,13 +305,7 @@ class SwitchAuxLoss {
   }
 
   void check_logits(const char* function, const detail::RowInput<Scalar>& x) const {
-    detail::check_logits_shape(function, x.rows(), x.cols());
-    if (x.cols() != num_experts_) {
-      detail::throw_invalid(function, "logits",
-                            detail::concat("N = ", num_experts_,
-                                           " expert columns (as constructed)"),
-                            detail::concat("shape ", detail::shape_string(x.rows(), x.cols())));
-    }
+    detail::check_logits_columns(function, x.rows(), x.cols(), num_experts_);
   }
 
   void check_output(const char* function, const RowMatrixRef<Scalar>& out) const {
@@ -363,12 +378,9 @@ class SwitchAuxLoss {
     const double tokens = statistics_.tokens();
     if (tokens <= 0) {
       f_.setZero();
-    } else if (options_.convention == SwitchConvention::megatron) {
-      f_ = statistics_.counts() / (tokens * double(k_));
-    } else if (options_.convention == SwitchConvention::huggingface) {
-      f_ = statistics_.counts() / tokens;
     } else {
-      f_ = statistics_.first_choice_counts() / tokens;
+      detail::load_fraction(options_.convention, statistics_.counts(),
+                            statistics_.first_choice_counts(), tokens, k_, f_);
     }
     f_compute_ = f_.array().template cast<Scalar>();
   }
