@@ -4,7 +4,7 @@
 /// @file
 /// The umbrella header: everything in moebal that needs only Eigen and the standard library.
 /// Opt-in, not included here: the finite-difference helper `<moebal/testing/gradcheck.hpp>`
-/// and the Eigen::Tensor adapter `<moebal/tensor.hpp>`.
+/// the Eigen::Tensor adapter `<moebal/tensor.hpp>` and the MPI adapter `<moebal/mpi.hpp>`.
 
 #include "moebal/version.hpp"
 
@@ -16,6 +16,7 @@
 #include "moebal/losses/combined.hpp"
 #include "moebal/losses/cv2.hpp"
 #include "moebal/losses/deepseek.hpp"
+#include "moebal/losses/global_batch.hpp"
 #include "moebal/losses/layers.hpp"
 #include "moebal/losses/sequence.hpp"
 #include "moebal/losses/switch.hpp"

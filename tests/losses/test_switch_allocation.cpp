@@ -19,6 +19,7 @@
 #include "moebal/losses/combined.hpp"
 #include "moebal/losses/cv2.hpp"
 #include "moebal/losses/deepseek.hpp"
+#include "moebal/losses/global_batch.hpp"
 #include "moebal/losses/sequence.hpp"
 #include "moebal/losses/switch.hpp"
 #include "moebal/losses/z.hpp"
@@ -115,7 +116,20 @@ TEMPLATE_TEST_CASE("Loss family objects: no allocation in steady state", "[loss]
   device_options.max_devices = 2;
   moebal::DeviceBalanceLoss<T> device(cols, 2, moebal::DeviceBalanceKind::communication,
                                       device_options);
+  moebal::GlobalBatchBalance<T> global(cols, 2);
+  moebal::RunningGlobalBalance<T> running(cols, 2);
   auto run = [&] {
+    global.reset();
+    global.count(logits, m);
+    global.count(logits.topRows(100));
+    global.synchronize();
+    global.forward_backward(logits, grad, m);
+    global.forward(logits.topRows(100));
+    global.backward_accumulate(logits.topRows(100), grad.topRows(100));
+    running.reset();
+    running.forward_backward(logits, grad, moebal::NoSync{}, m);
+    running.forward(logits, moebal::NoSync{});
+    running.backward(logits, grad);
     combined.forward_backward(logits, grad, m);
     combined.forward(logits, m);
     combined.backward_accumulate(logits, grad);
