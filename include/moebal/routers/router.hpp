@@ -1,0 +1,482 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// @file
+/// Top-k routers with an analytic backward. A router maps T x N logits to, per token, the k
+/// selected experts (T x k indices, by decreasing selection score) and their combine weights
+/// (T x k, what the experts' outputs are multiplied by). Its backward maps d loss / d weights
+/// (T x k) to d loss / d logits (T x N). The selection itself has no gradient.
+///
+/// Per token, with logits x, scores s = score(x) and optional expert bias b (selection only):
+///   1. selection values v = s + b (`RouterWeights::scores`) or x + b
+///      (`RouterWeights::softmax_of_selected`, top-k on the logits);
+///   2. group-limited routing (G groups of N / G consecutive experts): each group's score from
+///      v (sum of its top k/g, sum of its top 2, or its maximum), the best g groups kept (ties to
+///      the lower group index), the other experts' v replaced by -Inf or by 0;
+///   3. the top k of v, ties to the lower expert index;
+///   4. weights u = s[selected] (`scores`) or softmax(x[selected]) (`softmax_of_selected`);
+///      optionally normalized, w = u / (sum u + eps); then scaled, w = scaling_factor * w.
+/// Backward: through the scaling and the normalization, then the score function's derivative:
+///   softmax: VJP of the row softmax; sigmoid: s (1 - s); sqrt(softplus): sigmoid(x) / (2 s);
+///   softmax_of_selected: VJP of the softmax over the k selected logits (others get 0).
+/// Every option is named after the framework that uses it; `routers/presets.hpp` combines them
+/// into each framework's router.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "moebal/core/error.hpp"
+#include "moebal/core/types.hpp"
+#include "moebal/detail/input.hpp"
+#include "moebal/detail/score_kernels.hpp"
+#include "moebal/detail/topk_kernels.hpp"
+
+namespace moebal {
+
+/// The router's score function s = score(x) (Megatron-core `moe_router_score_function`).
+enum class RouterScore {
+  /// s = softmax(x) over all experts.
+  softmax,
+  /// s_i = sigmoid(x_i), elementwise, not normalized (DeepSeek-V3).
+  sigmoid,
+  /// s_i = sqrt(softplus(x_i)), elementwise (Megatron-core "sqrtsoftplus").
+  sqrt_softplus,
+};
+
+/// Where the combine weights come from.
+enum class RouterWeights {
+  /// u = s[selected]: the scores of the selected experts ("pre-softmax" for softmax scores:
+  /// Mixtral, Qwen-MoE, DeepSeek; sigmoid or sqrt-softplus scores).
+  scores,
+  /// Top-k on the logits, then u = softmax over the k selected logits (Megatron-core's default
+  /// "post-softmax" router). With k = 1 the weight is always 1 and its gradient is zero
+  /// (Megatron-LM issue #894): `check_router_options` rejects it.
+  softmax_of_selected,
+};
+
+/// How a group of experts is scored for group-limited routing.
+enum class GroupScore {
+  /// Sum of the group's top (k / g) selection values (Megatron-core `group_limited_topk`).
+  sum_top_k_over_groups,
+  /// Sum of the group's top 2 (DeepSeek-V3 with a bias; HF `DeepseekV3TopkRouter`).
+  sum_top2,
+  /// The group's maximum (DeepSeek-V3 official gate without a bias).
+  max,
+};
+
+/// What the experts of dropped groups get before the top-k.
+enum class GroupFill {
+  /// -Inf: they are never selected (Megatron-core, DeepSeek official).
+  negative_infinity,
+  /// 0 (HF `DeepseekV3TopkRouter`): with negative biased scores an expert of a dropped group can
+  /// outrank a kept one.
+  zero,
+};
+
+/// Options of a router. Every option is named after its source.
+struct RouterOptions {
+  RouterScore score = RouterScore::softmax;
+  RouterWeights weights = RouterWeights::scores;
+  /// Divide the k weights by their sum plus `normalize_epsilon` (HF `norm_topk_prob`, Mixtral
+  /// always; Megatron-core for sigmoid when k > 1).
+  bool normalize = false;
+  /// The epsilon of the normalization (HF Qwen: 0; Megatron-core and HF DeepSeek-V3: 1e-20).
+  /// Megatron-LM issue #1545 shows how a tiny epsilon can be gamed by near-zero scores.
+  double normalize_epsilon = 0.0;
+  /// Multiplies the weights after normalization (Megatron-core
+  /// `moe_router_topk_scaling_factor`, DeepSeek-V3 `routed_scaling_factor`).
+  double scaling_factor = 1.0;
+  /// Group-limited routing: G groups (1 = off) of which g are kept.
+  Index num_groups = 1;
+  Index group_topk = 1;
+  GroupScore group_score = GroupScore::sum_top_k_over_groups;
+  GroupFill group_fill = GroupFill::negative_infinity;
+  /// Per-expert bias added to the selection values only (DeepSeek-V3 auxiliary-loss-free
+  /// balancing); empty = none. Length N.
+  Eigen::VectorXd expert_bias;
+};
+
+/// A router's output: per token the selected experts and their combine weights.
+template <class Scalar>
+struct RouterResult {
+  /// T x k expert indices by decreasing selection value.
+  IndexMatrix indices;
+  /// T x k combine weights, aligned with `indices`.
+  RowMatrix<Scalar> weights;
+};
+
+namespace detail {
+
+inline void check_router_options(const char* function, Index num_experts, Index k,
+                                 const RouterOptions& o) {
+  if (num_experts < 1) throw_invalid(function, "num_experts", "at least 1 expert", concat(num_experts));
+  check_k(function, k, num_experts);
+  if (o.score != RouterScore::softmax && o.score != RouterScore::sigmoid &&
+      o.score != RouterScore::sqrt_softplus) {
+    throw_invalid(function, "options.score", "softmax, sigmoid or sqrt_softplus", concat(int(o.score)));
+  }
+  if (o.weights != RouterWeights::scores && o.weights != RouterWeights::softmax_of_selected) {
+    throw_invalid(function, "options.weights", "scores or softmax_of_selected", concat(int(o.weights)));
+  }
+  if (o.weights == RouterWeights::softmax_of_selected && k == 1) {
+    throw_invalid(function, "k",
+                  "k >= 2 with softmax_of_selected weights (the softmax of one logit is 1: a "
+                  "constant weight with zero gradient, Megatron-LM issue #894)",
+                  "k = 1");
+  }
+  check_finite_parameter(function, "options.normalize_epsilon", o.normalize_epsilon);
+  if (o.normalize_epsilon < 0) {
+    throw_invalid(function, "options.normalize_epsilon", "a value >= 0", concat(o.normalize_epsilon));
+  }
+  check_finite_parameter(function, "options.scaling_factor", o.scaling_factor);
+  if (o.num_groups < 1 || num_experts % o.num_groups != 0) {
+    throw_invalid(function, "options.num_groups",
+                  concat("a number of groups G >= 1 dividing N = ", num_experts),
+                  concat("G = ", o.num_groups));
+  }
+  if (o.num_groups > 1) {
+    if (o.group_topk < 1 || o.group_topk > o.num_groups) {
+      throw_invalid(function, "options.group_topk",
+                    concat("1 <= g <= G = ", o.num_groups), concat("g = ", o.group_topk));
+    }
+    const Index kept = o.group_topk * (num_experts / o.num_groups);
+    if (k > kept) {
+      throw_invalid(function, "k",
+                    concat("k <= the experts in the kept groups (g N / G = ", kept, ")"),
+                    concat("k = ", k));
+    }
+    if (o.group_score == GroupScore::sum_top_k_over_groups && k % o.group_topk != 0) {
+      throw_invalid(function, "options.group_topk",
+                    concat("g dividing k = ", k, " for the sum of the top k / g scores"),
+                    concat("g = ", o.group_topk));
+    }
+  }
+  if (o.expert_bias.size() != 0) {
+    if (o.expert_bias.size() != num_experts) {
+      throw_invalid(function, "options.expert_bias", concat("one bias per expert (length N = ", num_experts, ")"),
+                    concat("length ", o.expert_bias.size()));
+    }
+    if (!o.expert_bias.allFinite()) {
+      throw_invalid(function, "options.expert_bias", "finite values", "NaN or Inf");
+    }
+  }
+}
+
+/// Elementwise scores of a row for sigmoid and sqrt(softplus) (stable for any finite or -Inf x).
+template <class C>
+void elementwise_scores(const C* x, Index n, RouterScore score, C* s) {
+  for (Index j = 0; j < n; ++j) {
+    const C v = x[j];
+    if (score == RouterScore::sigmoid) {
+      s[j] = v >= C(0) ? C(1) / (C(1) + std::exp(-v)) : std::exp(v) / (C(1) + std::exp(v));
+    } else {
+      const C softplus = (v > C(0) ? v : C(0)) + std::log1p(std::exp(-std::abs(v)));
+      s[j] = std::sqrt(softplus);
+    }
+  }
+}
+
+}  // namespace detail
+
+/// A router as a reusable object (no allocation in steady state).
+/// @tparam Scalar float or double.
+template <class Scalar>
+class Router {
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::Router<Scalar>: Scalar must be float or double");
+
+ public:
+  /// @param num_experts N. @param k experts per token. @param options see `RouterOptions`.
+  /// @throws moebal::invalid_argument for N < 1, k out of range, N not divisible by G, g > G,
+  ///   k larger than the experts in the kept groups, a bias of the wrong length, k = 1 with
+  ///   softmax_of_selected weights, non-finite factors.
+  Router(Index num_experts, Index k, RouterOptions options = {})
+      : Router("moebal::Router", num_experts, k, std::move(options)) {}
+
+  Index num_experts() const noexcept { return n_; }
+  Index k() const noexcept { return k_; }
+  const RouterOptions& options() const noexcept { return options_; }
+
+  /// Replaces the expert bias (selection only; length N, or empty for none).
+  void set_expert_bias(const Eigen::VectorXd& bias) {
+    RouterOptions o = options_;
+    o.expert_bias = bias;
+    detail::check_router_options("moebal::Router::set_expert_bias", n_, k_, o);
+    options_.expert_bias = bias;
+    bias_compute_ = bias.template cast<Scalar>();
+  }
+
+  /// Routes T x N logits: writes the T x k indices and weights.
+  /// @throws moebal::invalid_argument for bad shapes, NaN or +Inf logits.
+  template <class Derived>
+  void forward(const Eigen::MatrixBase<Derived>& logits, Eigen::Ref<IndexMatrix> indices,
+               RowMatrixRef<Scalar> weights) {
+    static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
+                  "moebal::Router<Scalar> takes logits of the same Scalar");
+    forward_impl("moebal::Router::forward", detail::RowInput<Scalar>(logits), indices, weights);
+  }
+
+  /// d loss / d logits from d loss / d weights (T x k), for the logits and indices of a
+  /// forward: dloss_dlogits = scale * J^T dloss_dweights (every element written).
+  template <class Derived, class DerivedG>
+  void backward(const Eigen::MatrixBase<Derived>& logits, const Eigen::Ref<const IndexMatrix>& indices,
+                const Eigen::MatrixBase<DerivedG>& dloss_dweights, RowMatrixRef<Scalar> dloss_dlogits,
+                Scalar scale = Scalar(1)) {
+    backward_impl<false>("moebal::Router::backward", detail::RowInput<Scalar>(logits), indices,
+                         detail::RowInput<Scalar>(dloss_dweights), dloss_dlogits, scale);
+  }
+
+  /// As `backward`, adding into dloss_dlogits.
+  template <class Derived, class DerivedG>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
+                           const Eigen::Ref<const IndexMatrix>& indices,
+                           const Eigen::MatrixBase<DerivedG>& dloss_dweights,
+                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+    backward_impl<true>("moebal::Router::backward_accumulate", detail::RowInput<Scalar>(logits),
+                        indices, detail::RowInput<Scalar>(dloss_dweights), dloss_dlogits, scale);
+  }
+
+  // Internal: the one-line forms name themselves in error messages.
+  Router(const char* function, Index num_experts, Index k, RouterOptions options)
+      : n_(num_experts), k_(k), options_(std::move(options)) {
+    detail::check_router_options(function, num_experts, k, options_);
+    s_.resize(num_experts);
+    v_.resize(num_experts);
+    u_.resize(k);
+    g_.resize(num_experts);
+    group_scores_.resize(options_.num_groups);
+    group_order_.resize(static_cast<std::size_t>(options_.num_groups));
+    group_values_.resize(static_cast<std::size_t>(num_experts));
+    selected_.resize(static_cast<std::size_t>(k));
+    topk_.resize(num_experts, k);
+    group_topk_.resize(options_.num_groups, std::max<Index>(options_.group_topk, 1));
+    bias_compute_ = options_.expert_bias.template cast<Scalar>();
+  }
+
+  void forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                    Eigen::Ref<IndexMatrix> indices, RowMatrixRef<Scalar>& weights) {
+    detail::check_logits_columns(function, x.rows(), x.cols(), n_);
+    detail::check_output_shape(function, "indices", indices.rows(), indices.cols(), x.rows(), k_);
+    detail::check_output_shape(function, "weights", weights.rows(), weights.cols(), x.rows(), k_);
+    for (Index t = 0; t < x.rows(); ++t) {
+      const Scalar* row = x.data() + t * x.outerStride();
+      scores_row(function, row, t);
+      select_row(row);
+      weights_row(row);
+      for (Index i = 0; i < k_; ++i) {
+        indices(t, i) = selected_[std::size_t(i)];
+        weights(t, i) = u_[i];
+      }
+    }
+  }
+
+ private:
+  // s = score(x) for one row; validates the row.
+  void scores_row(const char* function, const Scalar* row, Index t) {
+    if (options_.score == RouterScore::softmax) {
+      if (!detail::raw_scores(row, n_, ScoreFunction::softmax, v_, norm_)) {
+        detail::throw_invalid_row(function, row, n_, t, ScoreFunction::softmax);
+      }
+      detail::scores_from_raw(v_, norm_, s_);
+      return;
+    }
+    for (Index j = 0; j < n_; ++j) {
+      if (std::isnan(row[j]) || row[j] == std::numeric_limits<Scalar>::infinity()) {
+        detail::throw_invalid_row(function, row, n_, t, ScoreFunction::sigmoid);
+      }
+    }
+    detail::elementwise_scores(row, n_, options_.score, s_.data());
+  }
+
+  // The top-k (with groups) of the selection values, into selected_.
+  void select_row(const Scalar* row) {
+    const bool logits = options_.weights == RouterWeights::softmax_of_selected;
+    for (Index j = 0; j < n_; ++j) v_[j] = logits ? row[j] : s_[j];
+    if (bias_compute_.size() != 0) v_ += bias_compute_;
+    const Index groups = options_.num_groups;
+    if (groups > 1) {
+      const Index size = n_ / groups, kept = options_.group_topk;
+      for (Index g = 0; g < groups; ++g) group_scores_[g] = group_score(v_.data() + g * size, size);
+      detail::topk_row_exact(group_scores_.data(), groups, kept, group_order_.data(), group_topk_);
+      const Scalar fill = options_.group_fill == GroupFill::zero
+                              ? Scalar(0)
+                              : -std::numeric_limits<Scalar>::infinity();
+      for (Index g = 0; g < groups; ++g) {
+        bool keep = false;
+        for (Index i = 0; i < kept; ++i) keep = keep || group_order_[std::size_t(i)] == g;
+        if (!keep) std::fill(v_.data() + g * size, v_.data() + (g + 1) * size, fill);
+      }
+    }
+    detail::topk_row_exact(v_.data(), n_, k_, selected_.data(), topk_);
+  }
+
+  Scalar group_score(const Scalar* values, Index size) {
+    if (options_.group_score == GroupScore::max) return *std::max_element(values, values + size);
+    const Index top = options_.group_score == GroupScore::sum_top2
+                          ? std::min<Index>(2, size)
+                          : k_ / options_.group_topk;
+    std::copy(values, values + size, group_values_.begin());
+    std::partial_sort(group_values_.begin(), group_values_.begin() + top,
+                      group_values_.begin() + size, [](Scalar a, Scalar b) { return a > b; });
+    Scalar sum = Scalar(0);
+    for (Index i = 0; i < top; ++i) sum += group_values_[std::size_t(i)];
+    return sum;
+  }
+
+  // u = the k weights of the row (after normalization and scaling); keeps sum_ for backward.
+  void weights_row(const Scalar* row) {
+    if (options_.weights == RouterWeights::softmax_of_selected) {
+      Scalar max = -std::numeric_limits<Scalar>::infinity();
+      for (Index i = 0; i < k_; ++i) max = std::max(max, row[selected_[std::size_t(i)]]);
+      Scalar sum = Scalar(0);
+      for (Index i = 0; i < k_; ++i) {
+        u_[i] = std::exp(row[selected_[std::size_t(i)]] - max);
+        sum += u_[i];
+      }
+      u_ /= sum;
+    } else {
+      for (Index i = 0; i < k_; ++i) u_[i] = s_[selected_[std::size_t(i)]];
+    }
+    sum_ = u_.sum();
+    if (options_.normalize) u_ /= (sum_ + static_cast<Scalar>(options_.normalize_epsilon));
+    u_ *= static_cast<Scalar>(options_.scaling_factor);
+  }
+
+  template <bool Accumulate>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                     const Eigen::Ref<const IndexMatrix>& indices,
+                     const detail::RowInput<Scalar>& dw, RowMatrixRef<Scalar>& out, Scalar scale) {
+    detail::check_logits_columns(function, x.rows(), x.cols(), n_);
+    detail::check_output_shape(function, "indices", indices.rows(), indices.cols(), x.rows(), k_);
+    detail::check_output_shape(function, "dloss_dweights", dw.rows(), dw.cols(), x.rows(), k_);
+    detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(), n_);
+    detail::check_finite_parameter(function, "scale", double(scale));
+    for (Index t = 0; t < x.rows(); ++t) {
+      for (Index i = 0; i < k_; ++i) {
+        const Index e = indices(t, i);
+        if (e < 0 || e >= n_) {
+          detail::throw_invalid(function, "indices", detail::concat("expert indices in [0, ", n_, ")"),
+                                detail::concat(e, " at row ", t, ", slot ", i));
+        }
+        selected_[std::size_t(i)] = e;
+      }
+      const Scalar* row = x.data() + t * x.outerStride();
+      scores_row(function, row, t);
+      weights_row(row);  // recomputes the pre-normalization weights and their sum
+      // Undo the scaling and normalization to get the unnormalized u.
+      Eigen::Array<Scalar, Eigen::Dynamic, 1>& u = u_;
+      const Scalar scaling = static_cast<Scalar>(options_.scaling_factor);
+      const Scalar denominator =
+          options_.normalize ? sum_ + static_cast<Scalar>(options_.normalize_epsilon) : Scalar(1);
+      // w = scaling * u / denominator; d L / d u_j = scaling (g_j - sum_i g_i w_i / scaling) / D.
+      Scalar gw = Scalar(0);
+      for (Index i = 0; i < k_; ++i) gw += dw(t, i) * u[i];  // u here is w (scaled, normalized)
+      g_.setZero();
+      Scalar* dx = out.data() + t * out.outerStride();
+      // d L / d u (unnormalized weights), per slot.
+      for (Index i = 0; i < k_; ++i) {
+        const Scalar du = options_.normalize
+                              ? scaling * (dw(t, i) - gw / scaling) / denominator
+                              : scaling * dw(t, i);
+        g_[selected_[std::size_t(i)]] += du;
+      }
+      if (options_.weights == RouterWeights::softmax_of_selected) {
+        // u = softmax(x[selected]): d L / d x_sel = p (g - sum g p), p = u / scaling * D.
+        Scalar gp = Scalar(0);
+        for (Index i = 0; i < k_; ++i) {
+          const Index e = selected_[std::size_t(i)];
+          gp += g_[e] * (u[i] * denominator / scaling);
+        }
+        for (Index j = 0; j < n_; ++j) {
+          if constexpr (!Accumulate) dx[j] = Scalar(0);
+        }
+        for (Index i = 0; i < k_; ++i) {
+          const Index e = selected_[std::size_t(i)];
+          const Scalar p = u[i] * denominator / scaling;
+          dx[e] += scale * p * (g_[e] - gp);
+        }
+        continue;
+      }
+      if (options_.score == RouterScore::softmax) {
+        const Scalar gs = detail::lane_dot(g_.data(), s_.data(), n_);
+        for (Index j = 0; j < n_; ++j) {
+          const Scalar value = scale * s_[j] * (g_[j] - gs);
+          if constexpr (Accumulate) dx[j] += value; else dx[j] = value;
+        }
+      } else {
+        for (Index j = 0; j < n_; ++j) {
+          Scalar derivative;
+          if (options_.score == RouterScore::sigmoid) {
+            derivative = s_[j] * (Scalar(1) - s_[j]);
+          } else {
+            // d sqrt(softplus(x)) / dx = sigmoid(x) / (2 sqrt(softplus(x))).
+            const Scalar v = row[j];
+            const Scalar sig = v >= Scalar(0) ? Scalar(1) / (Scalar(1) + std::exp(-v))
+                                              : std::exp(v) / (Scalar(1) + std::exp(v));
+            derivative = s_[j] > Scalar(0) ? sig / (Scalar(2) * s_[j]) : Scalar(0);
+          }
+          const Scalar value = scale * derivative * g_[j];
+          if constexpr (Accumulate) dx[j] += value; else dx[j] = value;
+        }
+      }
+    }
+  }
+
+  Index n_, k_;
+  RouterOptions options_;
+  detail::ScratchArray<Scalar> s_, v_, u_, g_, group_scores_;
+  Eigen::Array<Scalar, Eigen::Dynamic, 1> bias_compute_;
+  std::vector<Index> group_order_;
+  std::vector<Scalar> group_values_;
+  std::vector<Index> selected_;
+  detail::TopkScratch<Scalar> topk_, group_topk_;
+  detail::RowNorm<Scalar> norm_;
+  Scalar sum_ = Scalar(0);
+};
+
+/// Routes T x N logits in one call (see the file comment for the steps).
+/// @param logits T x N, float or double. @param k experts per token.
+/// @param options score function, weights, normalization, scaling, groups, expert bias.
+/// @return T x k indices (by decreasing selection value) and T x k weights.
+/// @throws moebal::invalid_argument as `Router`.
+template <class Derived>
+RouterResult<typename Derived::Scalar> route(const Eigen::MatrixBase<Derived>& logits, Index k,
+                                             const RouterOptions& options = {}) {
+  using Scalar = typename Derived::Scalar;
+  static_assert(detail::is_supported_scalar_v<Scalar>, "moebal::route: logits must be float or double");
+  constexpr const char* function = "moebal::route";
+  const detail::RowInput<Scalar> x(logits);
+  detail::check_logits_shape(function, x.rows(), x.cols());
+  Router<Scalar> router(function, x.cols(), k, options);
+  RouterResult<Scalar> result;
+  result.indices.resize(x.rows(), k);
+  result.weights.resize(x.rows(), k);
+  RowMatrixRef<Scalar> weights(result.weights);
+  router.forward_impl(function, x, result.indices, weights);
+  return result;
+}
+
+/// d loss / d logits of a route: maps d loss / d weights (T x k) through the router.
+/// @param logits and @p indices as given to / returned by `route` with the same options.
+/// @throws moebal::invalid_argument for mismatched shapes or indices out of range.
+template <class Derived, class DerivedG>
+RowMatrix<typename Derived::Scalar> route_backward(const Eigen::MatrixBase<Derived>& logits,
+                                                   const IndexMatrix& indices,
+                                                   const Eigen::MatrixBase<DerivedG>& dloss_dweights,
+                                                   const RouterOptions& options = {}) {
+  using Scalar = typename Derived::Scalar;
+  constexpr const char* function = "moebal::route_backward";
+  const detail::RowInput<Scalar> x(logits);
+  detail::check_logits_shape(function, x.rows(), x.cols());
+  Router<Scalar> router(function, x.cols(), indices.cols() > 0 ? indices.cols() : 1, options);
+  RowMatrix<Scalar> grad(x.rows(), x.cols());
+  router.backward(x, indices, dloss_dweights, grad);
+  return grad;
+}
+
+}  // namespace moebal
