@@ -1,0 +1,254 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include <catch2/catch.hpp>
+
+#include "moebal/core/scores.hpp"
+#include "moebal/routers/expert_bias.hpp"
+#include "moebal/routers/router.hpp"
+#include "moebal/testing/gradcheck.hpp"
+#include "support/matchers.hpp"
+#include "support/random.hpp"
+
+using moebal::GroupFill;
+using moebal::GroupScore;
+using moebal::Index;
+using moebal::IndexMatrix;
+using moebal::RouterOptions;
+using moebal::RouterScore;
+using moebal::RouterWeights;
+using moebal::RowMatrix;
+using moebal_test::IsCloseTo;
+using moebal_test::random_logits;
+
+namespace {
+
+// Sum_tk G_tk w_tk with the selection frozen at `indices` (NaN if it changes): the function
+// whose gradient route_backward computes.
+double weighted_sum(const RowMatrix<double>& z, const IndexMatrix& indices, const RowMatrix<double>& G,
+                    const RouterOptions& o) {
+  const auto r = moebal::route(z, indices.cols(), o);
+  if (r.indices != indices) return std::numeric_limits<double>::quiet_NaN();
+  return (r.weights.array() * G.array()).sum();
+}
+
+}  // namespace
+
+TEST_CASE("route: every option's gradient matches central differences", "[router][grad]") {
+  // Logits spaced so that no selection flips under a 1e-6 step.
+  const RowMatrix<double> x = random_logits(7, 8, 1.5, 11);
+  const RowMatrix<double> G = random_logits(7, 4, 1.0, 12);
+  for (const auto score : {RouterScore::softmax, RouterScore::sigmoid, RouterScore::sqrt_softplus}) {
+    for (const auto weights : {RouterWeights::scores, RouterWeights::softmax_of_selected}) {
+      for (const bool normalize : {false, true}) {
+        for (const Index groups : {Index(1), Index(4)}) {
+          for (const bool bias : {false, true}) {
+            RouterOptions o;
+            o.score = score;
+            o.weights = weights;
+            o.normalize = normalize;
+            o.normalize_epsilon = 1e-20;
+            o.scaling_factor = 2.5;
+            o.num_groups = groups;
+            o.group_topk = groups > 1 ? 2 : 1;
+            if (bias) o.expert_bias = Eigen::VectorXd::LinSpaced(8, -0.3, 0.2);
+            const auto r = moebal::route(x, 4, o);
+            const RowMatrix<double> g = moebal::route_backward(x, r.indices, G, o);
+            auto f = [&](const RowMatrix<double>& z) { return weighted_sum(z, r.indices, G, o); };
+            const auto report = moebal::testing::gradcheck(f, x, g);
+            INFO("score " << int(score) << ", weights " << int(weights) << ", normalize "
+                          << normalize << ", G " << groups << ", bias " << bias << ": "
+                          << report.message());
+            CHECK(report.passed);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("route: invariants", "[router]") {
+  const RowMatrix<double> x = random_logits(50, 16, 2.0, 13);
+
+  SECTION("normalized weights sum to the scaling factor") {
+    for (const auto score : {RouterScore::softmax, RouterScore::sigmoid, RouterScore::sqrt_softplus}) {
+      RouterOptions o;
+      o.score = score;
+      o.normalize = true;
+      o.scaling_factor = 2.5;
+      const auto r = moebal::route(x, 4, o);
+      for (Index t = 0; t < 50; ++t) CHECK(r.weights.row(t).sum() == Approx(2.5).epsilon(1e-14));
+    }
+  }
+
+  SECTION("the bias shifts the selection, never the weights") {
+    RouterOptions o;
+    o.score = RouterScore::sigmoid;
+    const auto plain = moebal::route(x, 2, o);
+    o.expert_bias = Eigen::VectorXd::Zero(16);
+    o.expert_bias[5] = 10.0;  // expert 5 is always selected first
+    const auto biased = moebal::route(x, 2, o);
+    const RowMatrix<double> s = 1.0 / (1.0 + (-x.array()).exp());
+    for (Index t = 0; t < 50; ++t) {
+      CHECK(biased.indices(t, 0) == 5);
+      CHECK(biased.weights(t, 0) == Approx(s(t, 5)).epsilon(1e-14));  // unbiased score
+      CHECK(biased.weights(t, 1) == Approx(s(t, biased.indices(t, 1))).epsilon(1e-14));
+    }
+    CHECK(plain.indices != biased.indices);
+  }
+
+  SECTION("group-limited routing with one group equals plain top-k") {
+    RouterOptions o;
+    const auto plain = moebal::route(x, 4, o);
+    o.num_groups = 1;
+    o.group_topk = 1;
+    CHECK(moebal::route(x, 4, o).indices == plain.indices);
+    // Keeping every group is plain top-k too.
+    o.num_groups = 4;
+    o.group_topk = 4;
+    CHECK(moebal::route(x, 4, o).indices == plain.indices);
+  }
+
+  SECTION("group-limited routing selects only inside the kept groups") {
+    RouterOptions o;
+    o.num_groups = 4;
+    o.group_topk = 2;
+    o.group_score = GroupScore::max;
+    const auto r = moebal::route(x, 4, o);
+    const RowMatrix<double> s = moebal::softmax(x);
+    for (Index t = 0; t < 50; ++t) {
+      // The two groups with the largest maxima (ties to the lower group).
+      Eigen::VectorXd best(4);
+      for (Index g = 0; g < 4; ++g) best[g] = s.row(t).segment(g * 4, 4).maxCoeff();
+      Index g1 = 0;
+      for (Index g = 1; g < 4; ++g) if (best[g] > best[g1]) g1 = g;
+      Index g2 = g1 == 0 ? 1 : 0;
+      for (Index g = 0; g < 4; ++g) if (g != g1 && best[g] > best[g2]) g2 = g;
+      for (Index i = 0; i < 4; ++i) {
+        const Index group = r.indices(t, i) / 4;
+        CHECK((group == g1 || group == g2));
+      }
+    }
+  }
+
+  SECTION("zero fill lets a dropped group's expert outrank a kept one's negative value") {
+    // One token, 4 experts in 2 groups, sigmoid scores with a bias making group 1's values
+    // negative: with -Inf fill the dropped group is never chosen; with 0 fill it can be.
+    RowMatrix<double> y(1, 4);
+    y << 0.0, -1.0, 3.0, -3.0;
+    RouterOptions o;
+    o.score = RouterScore::sigmoid;
+    o.num_groups = 2;
+    o.group_topk = 1;
+    o.group_score = GroupScore::max;
+    o.expert_bias = (Eigen::VectorXd(4) << 0.0, 0.0, -1.0, -1.0).finished();
+    // Values: sigmoid(0) = .5, sigmoid(-1) = .27, sigmoid(3) - 1 = -.05, sigmoid(-3) - 1 = -.95:
+    // group 0 (max .5) is kept; group 1 is dropped.
+    const auto neg = moebal::route(y, 2, o);
+    CHECK(neg.indices(0, 0) == 0);
+    CHECK(neg.indices(0, 1) == 1);
+    o.group_fill = GroupFill::zero;
+    o.expert_bias = (Eigen::VectorXd(4) << 0.0, -0.5, -1.0, -1.0).finished();
+    // Now expert 1's value is .27 - .5 < 0 = the fill of experts 2 and 3: expert 2 (lower
+    // index among the zeros) outranks it.
+    const auto zero = moebal::route(y, 2, o);
+    CHECK(zero.indices(0, 0) == 0);
+    CHECK(zero.indices(0, 1) == 2);
+  }
+
+  SECTION("softmax of the selected logits") {
+    RouterOptions o;
+    o.weights = RouterWeights::softmax_of_selected;
+    const auto r = moebal::route(x, 3, o);
+    for (Index t = 0; t < 50; ++t) {
+      double sum = 0.0;
+      for (Index i = 0; i < 3; ++i) sum += std::exp(x(t, r.indices(t, i)));
+      CHECK(r.weights(t, 0) == Approx(std::exp(x(t, r.indices(t, 0))) / sum).epsilon(1e-13));
+      CHECK(r.weights.row(t).sum() == Approx(1.0).epsilon(1e-14));
+    }
+  }
+}
+
+TEST_CASE("Router: object form, float, accumulate", "[router][api]") {
+  const RowMatrix<double> x = random_logits(30, 8, 1.0, 14);
+  const RowMatrix<double> G = random_logits(30, 2, 1.0, 15);
+  RouterOptions o;
+  o.normalize = true;
+  moebal::Router<double> router(8, 2, o);
+  IndexMatrix idx(30, 2);
+  RowMatrix<double> w(30, 2), g = RowMatrix<double>::Ones(30, 8);
+  router.forward(x, idx, w);
+  const auto r = moebal::route(x, 2, o);
+  CHECK(idx == r.indices);
+  CHECK(w == r.weights);
+  router.backward_accumulate(x, idx, G, g, 2.0);
+  const RowMatrix<double> expected = RowMatrix<double>::Ones(30, 8) + 2.0 * moebal::route_backward(x, idx, G, o);
+  CHECK_THAT(g, IsCloseTo(expected, 1e-15, 1e-13));
+  const RowMatrix<float> xf = x.cast<float>();
+  const auto rf = moebal::route(xf, 2, o);
+  CHECK(rf.indices == r.indices);
+  CHECK_THAT(moebal_test::as_double(rf.weights), IsCloseTo(r.weights, 1e-6, 1e-5));
+}
+
+TEST_CASE("Router: bad input", "[router][errors]") {
+  const RowMatrix<double> x = RowMatrix<double>::Zero(3, 8);
+  RouterOptions o;
+  o.num_groups = 3;
+  CHECK_THROWS_WITH(moebal::route(x, 2, o),
+                    "moebal::route: argument 'options.num_groups': expected a number of groups G "
+                    ">= 1 dividing N = 8, got G = 3");
+  o.num_groups = 4;
+  o.group_topk = 5;
+  CHECK_THROWS_WITH(moebal::route(x, 2, o),
+                    "moebal::route: argument 'options.group_topk': expected 1 <= g <= G = 4, got "
+                    "g = 5");
+  o.group_topk = 1;
+  CHECK_THROWS_WITH(moebal::route(x, 3, o),
+                    "moebal::route: argument 'k': expected k <= the experts in the kept groups (g "
+                    "N / G = 2), got k = 3");
+  o = RouterOptions{};
+  o.expert_bias = Eigen::VectorXd::Zero(7);
+  CHECK_THROWS_WITH(moebal::route(x, 2, o),
+                    "moebal::route: argument 'options.expert_bias': expected one bias per expert "
+                    "(length N = 8), got length 7");
+  o = RouterOptions{};
+  o.weights = RouterWeights::softmax_of_selected;
+  CHECK_THROWS_AS(moebal::route(x, 1, o), moebal::invalid_argument);
+  RowMatrix<double> bad = x;
+  bad(1, 1) = std::nan("");
+  o = RouterOptions{};
+  o.score = RouterScore::sigmoid;
+  CHECK_THROWS_WITH(moebal::route(bad, 2, o),
+                    "moebal::route: argument 'logits': expected finite values or -Inf (no NaN, no "
+                    "+Inf), got nan at row 1, column 1");
+  const IndexMatrix wrong = IndexMatrix::Constant(3, 2, 9);
+  CHECK_THROWS_WITH(moebal::route_backward(x, wrong, RowMatrix<double>::Zero(3, 2)),
+                    "moebal::Router::backward: argument 'indices': expected expert indices in [0, "
+                    "8), got 9 at row 0, slot 0");
+}
+
+TEST_CASE("ExpertBiasBalancer: sign update from the step's counts", "[router][bias]") {
+  moebal::ExpertBiasBalancer balancer(4, 0.01);
+  balancer.add_counts((Eigen::VectorXd(4) << 10, 2, 4, 0).finished());
+  IndexMatrix selections(2, 2);
+  selections << 0, 1, 0, 3;
+  balancer.add_selections(selections);
+  // Counts (12, 3, 4, 1), mean 5: expert 0 overloaded (-rate), 1, 2, 3 underloaded (+rate).
+  Eigen::VectorXd bias = Eigen::VectorXd::Zero(4);
+  balancer.update(bias);
+  CHECK(bias == (Eigen::VectorXd(4) << -0.01, 0.01, 0.01, 0.01).finished());
+  CHECK(balancer.counts().isZero());
+  // Equal counts: sign(0) = 0, the bias does not move.
+  balancer.add_counts(Eigen::VectorXd::Constant(4, 3.0));
+  balancer.update(bias);
+  CHECK(bias == (Eigen::VectorXd(4) << -0.01, 0.01, 0.01, 0.01).finished());
+  CHECK_THROWS_WITH(balancer.add_counts(Eigen::VectorXd::Zero(3)),
+                    "moebal::ExpertBiasBalancer::add_counts: argument 'counts': expected one count "
+                    "per expert (length N = 4), got length 3");
+  Eigen::VectorXd short_bias = Eigen::VectorXd::Zero(2);
+  CHECK_THROWS_WITH(balancer.update(short_bias),
+                    "moebal::ExpertBiasBalancer::update: argument 'bias': expected one bias per "
+                    "expert (length N = 4), got length 2");
+}
