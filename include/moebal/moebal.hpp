@@ -22,3 +22,6 @@
 #include "moebal/losses/switch.hpp"
 #include "moebal/losses/z.hpp"
 #include "moebal/metrics.hpp"
+#include "moebal/routers/expert_bias.hpp"
+#include "moebal/routers/presets.hpp"
+#include "moebal/routers/router.hpp"

@@ -8,14 +8,15 @@
 /// (T x k) to d loss / d logits (T x N). The selection itself has no gradient.
 ///
 /// Per token, with logits x, scores s = score(x) and optional expert bias b (selection only):
-///   1. selection values v = s + b (`RouterWeights::scores`) or x + b
-///      (`RouterWeights::softmax_of_selected`, top-k on the logits);
+///   1. selection values v = s + b, or x + b (`select_on_logits`, implied by
+///      `RouterWeights::softmax_of_selected`);
 ///   2. group-limited routing (G groups of N / G consecutive experts): each group's score from
 ///      v (sum of its top k/g, sum of its top 2, or its maximum), the best g groups kept (ties to
 ///      the lower group index), the other experts' v replaced by -Inf or by 0;
 ///   3. the top k of v, ties to the lower expert index;
 ///   4. weights u = s[selected] (`scores`) or softmax(x[selected]) (`softmax_of_selected`);
-///      optionally normalized, w = u / (sum u + eps); then scaled, w = scaling_factor * w.
+///      optionally normalized, w = u / (sum u + eps) or u / max(sum u, eps); then scaled,
+///      w = scaling_factor * w.
 /// Backward: through the scaling and the normalization, then the score function's derivative:
 ///   softmax: VJP of the row softmax; sigmoid: s (1 - s); sqrt(softplus): sigmoid(x) / (2 s);
 ///   softmax_of_selected: VJP of the softmax over the k selected logits (others get 0).
@@ -78,16 +79,30 @@ enum class GroupFill {
   zero,
 };
 
+/// How the normalization's epsilon enters the denominator.
+enum class NormalizeEpsilon {
+  /// w = u / (sum u + eps) (Megatron-core, HF DeepSeek-V3: eps = 1e-20).
+  add,
+  /// w = u / max(sum u, eps) (DeepSpeed, Tutel: eps = float32 epsilon); when the clamp is
+  /// active the denominator is a constant for the gradient.
+  clamp,
+};
+
 /// Options of a router. Every option is named after its source.
 struct RouterOptions {
   RouterScore score = RouterScore::softmax;
   RouterWeights weights = RouterWeights::scores;
+  /// Take the top-k on the logits (plus bias) instead of the scores: Megatron-core
+  /// post-softmax, DeepSpeed top-2 (second expert) and top-k. Same order as the scores except
+  /// for ties and underflow. Implied by `RouterWeights::softmax_of_selected`.
+  bool select_on_logits = false;
   /// Divide the k weights by their sum plus `normalize_epsilon` (HF `norm_topk_prob`, Mixtral
   /// always; Megatron-core for sigmoid when k > 1).
   bool normalize = false;
   /// The epsilon of the normalization (HF Qwen: 0; Megatron-core and HF DeepSeek-V3: 1e-20).
   /// Megatron-LM issue #1545 shows how a tiny epsilon can be gamed by near-zero scores.
   double normalize_epsilon = 0.0;
+  NormalizeEpsilon epsilon_mode = NormalizeEpsilon::add;
   /// Multiplies the weights after normalization (Megatron-core
   /// `moe_router_topk_scaling_factor`, DeepSeek-V3 `routed_scaling_factor`).
   double scaling_factor = 1.0;
@@ -119,6 +134,9 @@ inline void check_router_options(const char* function, Index num_experts, Index 
   if (o.score != RouterScore::softmax && o.score != RouterScore::sigmoid &&
       o.score != RouterScore::sqrt_softplus) {
     throw_invalid(function, "options.score", "softmax, sigmoid or sqrt_softplus", concat(int(o.score)));
+  }
+  if (o.epsilon_mode != NormalizeEpsilon::add && o.epsilon_mode != NormalizeEpsilon::clamp) {
+    throw_invalid(function, "options.epsilon_mode", "add or clamp", concat(int(o.epsilon_mode)));
   }
   if (o.weights != RouterWeights::scores && o.weights != RouterWeights::softmax_of_selected) {
     throw_invalid(function, "options.weights", "scores or softmax_of_selected", concat(int(o.weights)));
@@ -295,7 +313,8 @@ class Router {
 
   // The top-k (with groups) of the selection values, into selected_.
   void select_row(const Scalar* row) {
-    const bool logits = options_.weights == RouterWeights::softmax_of_selected;
+    const bool logits =
+        options_.select_on_logits || options_.weights == RouterWeights::softmax_of_selected;
     for (Index j = 0; j < n_; ++j) v_[j] = logits ? row[j] : s_[j];
     if (bias_compute_.size() != 0) v_ += bias_compute_;
     const Index groups = options_.num_groups;
@@ -343,8 +362,19 @@ class Router {
       for (Index i = 0; i < k_; ++i) u_[i] = s_[selected_[std::size_t(i)]];
     }
     sum_ = u_.sum();
-    if (options_.normalize) u_ /= (sum_ + static_cast<Scalar>(options_.normalize_epsilon));
+    if (options_.normalize) u_ /= denominator();
     u_ *= static_cast<Scalar>(options_.scaling_factor);
+  }
+
+  // The normalization's denominator for the current row (sum_ set by weights_row).
+  Scalar denominator() const {
+    const Scalar eps = static_cast<Scalar>(options_.normalize_epsilon);
+    return options_.epsilon_mode == NormalizeEpsilon::add ? sum_ + eps : std::max(sum_, eps);
+  }
+  // Whether the denominator varies with u (not clamped).
+  bool denominator_varies() const {
+    return options_.epsilon_mode == NormalizeEpsilon::add ||
+           sum_ >= static_cast<Scalar>(options_.normalize_epsilon);
   }
 
   template <bool Accumulate>
@@ -371,8 +401,8 @@ class Router {
       // Undo the scaling and normalization to get the unnormalized u.
       Eigen::Array<Scalar, Eigen::Dynamic, 1>& u = u_;
       const Scalar scaling = static_cast<Scalar>(options_.scaling_factor);
-      const Scalar denominator =
-          options_.normalize ? sum_ + static_cast<Scalar>(options_.normalize_epsilon) : Scalar(1);
+      const Scalar denominator = options_.normalize ? this->denominator() : Scalar(1);
+      const bool varies = options_.normalize && denominator_varies();
       // w = scaling * u / denominator; d L / d u_j = scaling (g_j - sum_i g_i w_i / scaling) / D.
       Scalar gw = Scalar(0);
       for (Index i = 0; i < k_; ++i) gw += dw(t, i) * u[i];  // u here is w (scaled, normalized)
@@ -380,9 +410,8 @@ class Router {
       Scalar* dx = out.data() + t * out.outerStride();
       // d L / d u (unnormalized weights), per slot.
       for (Index i = 0; i < k_; ++i) {
-        const Scalar du = options_.normalize
-                              ? scaling * (dw(t, i) - gw / scaling) / denominator
-                              : scaling * dw(t, i);
+        const Scalar du = varies ? scaling * (dw(t, i) - gw / scaling) / denominator
+                                 : scaling * dw(t, i) / denominator;
         g_[selected_[std::size_t(i)]] += du;
       }
       if (options_.weights == RouterWeights::softmax_of_selected) {
