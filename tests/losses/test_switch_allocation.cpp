@@ -23,6 +23,8 @@
 #include "moebal/losses/sequence.hpp"
 #include "moebal/losses/switch.hpp"
 #include "moebal/losses/z.hpp"
+#include "moebal/routers/presets.hpp"
+#include "moebal/routers/router.hpp"
 
 namespace {
 bool counting = false;
@@ -118,7 +120,16 @@ TEMPLATE_TEST_CASE("Loss family objects: no allocation in steady state", "[loss]
                                       device_options);
   moebal::GlobalBatchBalance<T> global(cols, 2);
   moebal::RunningGlobalBalance<T> running(cols, 2);
+  moebal::Router<T> router(cols, 4, moebal::presets::hf_deepseek_v3(4, 2, true, 2.5, Eigen::VectorXd::Zero(cols)));
+  moebal::Router<T> post(cols, 2, moebal::presets::megatron_softmax());
+  moebal::IndexMatrix indices(rows, 4), indices2(rows, 2);
+  RowMatrix<T> weights(rows, 4), weights2(rows, 2);
+  const RowMatrix<T> upstream = RowMatrix<T>::Ones(rows, 4);
   auto run = [&] {
+    router.forward(logits, indices, weights);
+    router.backward(logits, indices, upstream, grad);
+    post.forward(logits, indices2, weights2);
+    post.backward_accumulate(logits, indices2, upstream.leftCols(2), grad);
     global.reset();
     global.count(logits, m);
     global.count(logits.topRows(100));

@@ -63,6 +63,23 @@ TEST_CASE("presets: each reproduces its framework's formula", "[router][presets]
     CHECK(moebal::route(x, 1, presets::tutel_topk(1)).weights == top1.weights);
   }
 
+  SECTION("DeepSeek-V2 scales only when it does not normalize") {
+    const auto normalized = moebal::route(x, 2, presets::deepseek_v2(2, true, 16.0));
+    for (Index t = 0; t < 40; ++t) CHECK(normalized.weights.row(t).sum() == Approx(1.0).epsilon(1e-14));
+    const auto scaled = moebal::route(x, 2, presets::deepseek_v2(2, false, 16.0));
+    CHECK(scaled.weights(0, 0) == Approx(16.0 * p(0, scaled.indices(0, 0))).epsilon(1e-14));
+    const auto grouped = moebal::route(x, 2, presets::deepseek_v2(2, true, 16.0, 4, 1));
+    for (Index t = 0; t < 40; ++t) CHECK(grouped.indices(t, 0) / 2 == grouped.indices(t, 1) / 2);
+  }
+
+  SECTION("loss presets pair each router with its framework's balance loss") {
+    CHECK(presets::megatron_loss(0.01).convention == moebal::SwitchConvention::megatron);
+    CHECK(presets::megatron_loss(0.01, true).score == moebal::ScoreFunction::sigmoid);
+    CHECK(presets::hf_loss(0.02).convention == moebal::SwitchConvention::huggingface);
+    CHECK(presets::hf_loss(0.02).coefficient == 0.02);
+    CHECK(presets::first_choice_loss(1.0).convention == moebal::SwitchConvention::first_choice);
+  }
+
   SECTION("DeepSeek-V3: HF fills dropped groups with 0, the official gate with -Inf") {
     // Official gate without bias: group score = the group's maximum.
     const auto official = moebal::route(x, 2, presets::deepseek_v3_official(true, 4, 2, 2.5));

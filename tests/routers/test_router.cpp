@@ -48,6 +48,7 @@ TEST_CASE("route: every option's gradient matches central differences", "[router
             RouterOptions o;
             o.score = score;
             o.weights = weights;
+            o.select_on_logits = weights == RouterWeights::softmax_of_selected;
             o.normalize = normalize;
             o.normalize_epsilon = 1e-20;
             o.scaling_factor = 2.5;
@@ -161,6 +162,7 @@ TEST_CASE("route: invariants", "[router]") {
   SECTION("softmax of the selected logits") {
     RouterOptions o;
     o.weights = RouterWeights::softmax_of_selected;
+    o.select_on_logits = true;
     const auto r = moebal::route(x, 3, o);
     for (Index t = 0; t < 50; ++t) {
       double sum = 0.0;

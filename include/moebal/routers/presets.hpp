@@ -17,6 +17,7 @@
 
 #include "moebal/core/error.hpp"
 #include "moebal/core/types.hpp"
+#include "moebal/losses/switch.hpp"
 #include "moebal/routers/router.hpp"
 
 namespace moebal {
@@ -35,6 +36,7 @@ inline RouterOptions megatron_softmax(bool pre_softmax = false, double scaling_f
   RouterOptions o;
   o.score = RouterScore::softmax;
   o.weights = pre_softmax ? RouterWeights::scores : RouterWeights::softmax_of_selected;
+  o.select_on_logits = !pre_softmax;
   o.scaling_factor = scaling_factor;
   o.num_groups = num_groups;
   o.group_topk = group_topk;
@@ -129,6 +131,25 @@ inline RouterOptions deepseek_v3_official(bool sigmoid, Index n_groups, Index to
   return o;
 }
 
+/// DeepSeek-V2 (the Hugging Face remote code `modeling_deepseek.py` `MoEGate`): softmax scores;
+/// optional device-limited "group_limited_greedy" routing with group score = the group's maximum
+/// and dropped groups filled with 0; weights = the selected scores, divided by (sum + 1e-20)
+/// when k > 1 and `norm_topk_prob`, and otherwise (only otherwise) multiplied by
+/// `routed_scaling_factor`: DeepSeek-V2 scales only when it does not normalize.
+inline RouterOptions deepseek_v2(Index k, bool norm_topk_prob, double routed_scaling_factor,
+                                 Index n_group = 1, Index topk_group = 1) {
+  RouterOptions o;
+  o.score = RouterScore::softmax;
+  o.normalize = k > 1 && norm_topk_prob;
+  o.normalize_epsilon = 1e-20;
+  o.scaling_factor = o.normalize ? 1.0 : routed_scaling_factor;
+  o.num_groups = n_group;
+  o.group_topk = topk_group;
+  o.group_score = GroupScore::max;
+  o.group_fill = GroupFill::zero;
+  return o;
+}
+
 /// DeepSpeed `top1gating` (deepspeed/moe/sharded_moe.py) without capacity, noise or dropping:
 /// softmax, the argmax, weight = its probability. Use with k = 1.
 inline RouterOptions deepspeed_top1() {
@@ -167,6 +188,35 @@ inline RouterOptions tutel_topk(Index k, bool normalize_gate = true) {
 inline RouterOptions hf_switch_top1() {
   RouterOptions o;
   o.score = RouterScore::softmax;
+  return o;
+}
+
+/// The balance loss that pairs with each framework's router (see <moebal/losses/switch.hpp>):
+/// Megatron-core's `switch_load_balancing_loss_func` on the router's score function
+/// (`compute_routing_scores_for_aux_loss`: softmax, or the normalized sigmoid for sigmoid routers).
+inline SwitchOptions megatron_loss(double moe_aux_loss_coeff, bool sigmoid_router = false) {
+  SwitchOptions o;
+  o.convention = SwitchConvention::megatron;
+  o.score = sigmoid_router ? ScoreFunction::sigmoid : ScoreFunction::softmax;
+  o.coefficient = moe_aux_loss_coeff;
+  return o;
+}
+
+/// Hugging Face transformers `load_balancing_loss_func` (Mixtral, Qwen-MoE, OLMoE) with
+/// `router_aux_loss_coef`; pass the `attention_mask` as `SwitchOptions::mask`.
+inline SwitchOptions hf_loss(double router_aux_loss_coef) {
+  SwitchOptions o;
+  o.convention = SwitchConvention::huggingface;
+  o.coefficient = router_aux_loss_coef;
+  return o;
+}
+
+/// DeepSpeed, Tutel, GShard and Switch Transformers: the first-choice loss
+/// (l_aux = N^2 mean(me * ce), ce from the top-1 mask).
+inline SwitchOptions first_choice_loss(double coefficient) {
+  SwitchOptions o;
+  o.convention = SwitchConvention::first_choice;
+  o.coefficient = coefficient;
   return o;
 }
 

@@ -8,8 +8,7 @@
 /// (T x k) to d loss / d logits (T x N). The selection itself has no gradient.
 ///
 /// Per token, with logits x, scores s = score(x) and optional expert bias b (selection only):
-///   1. selection values v = s + b, or x + b (`select_on_logits`, implied by
-///      `RouterWeights::softmax_of_selected`);
+///   1. selection values v = s + b, or x + b (`select_on_logits`);
 ///   2. group-limited routing (G groups of N / G consecutive experts): each group's score from
 ///      v (sum of its top k/g, sum of its top 2, or its maximum), the best g groups kept (ties to
 ///      the lower group index), the other experts' v replaced by -Inf or by 0;
@@ -54,7 +53,7 @@ enum class RouterWeights {
   /// u = s[selected]: the scores of the selected experts ("pre-softmax" for softmax scores:
   /// Mixtral, Qwen-MoE, DeepSeek; sigmoid or sqrt-softplus scores).
   scores,
-  /// Top-k on the logits, then u = softmax over the k selected logits (Megatron-core's default
+  /// u = softmax over the k selected logits (with `select_on_logits`: Megatron-core's default
   /// "post-softmax" router). With k = 1 the weight is always 1 and its gradient is zero
   /// (Megatron-LM issue #894): `check_router_options` rejects it.
   softmax_of_selected,
@@ -93,8 +92,8 @@ struct RouterOptions {
   RouterScore score = RouterScore::softmax;
   RouterWeights weights = RouterWeights::scores;
   /// Take the top-k on the logits (plus bias) instead of the scores: Megatron-core
-  /// post-softmax, DeepSpeed top-2 (second expert) and top-k. Same order as the scores except
-  /// for ties and underflow. Implied by `RouterWeights::softmax_of_selected`.
+  /// post-softmax, DeepSpeed top-2 (second expert) and top-k. For softmax scores without a bias
+  /// the same order as the scores except for ties and underflow.
   bool select_on_logits = false;
   /// Divide the k weights by their sum plus `normalize_epsilon` (HF `norm_topk_prob`, Mixtral
   /// always; Megatron-core for sigmoid when k > 1).
@@ -313,8 +312,7 @@ class Router {
 
   // The top-k (with groups) of the selection values, into selected_.
   void select_row(const Scalar* row) {
-    const bool logits =
-        options_.select_on_logits || options_.weights == RouterWeights::softmax_of_selected;
+    const bool logits = options_.select_on_logits;
     for (Index j = 0; j < n_; ++j) v_[j] = logits ? row[j] : s_[j];
     if (bias_compute_.size() != 0) v_ += bias_compute_;
     const Index groups = options_.num_groups;
