@@ -9,6 +9,7 @@
 #include "moebal/routers/expert_bias.hpp"
 #include "moebal/routers/router.hpp"
 #include "moebal/testing/gradcheck.hpp"
+#include "support/fake_ranks.hpp"
 #include "support/matchers.hpp"
 #include "support/random.hpp"
 
@@ -253,4 +254,21 @@ TEST_CASE("ExpertBiasBalancer: sign update from the step's counts", "[router][bi
   CHECK_THROWS_WITH(balancer.update(short_bias),
                     "moebal::ExpertBiasBalancer::update: argument 'bias': expected one bias per "
                     "expert (length N = 4), got length 2");
+}
+
+TEST_CASE("ExpertBiasBalancer: counts summed across ranks", "[router][bias]") {
+  // Rank 0 loads expert 0, rank 1 expert 3: summed (5, 1, 1, 5), mean 3: experts 0 and 3 get
+  // -rate, 1 and 2 +rate, on both ranks (which alone would disagree).
+  moebal_test::FakeWorld world(2);
+  std::vector<Eigen::VectorXd> biases(2, Eigen::VectorXd::Zero(4));
+  const auto errors = world.run([&](int r, moebal_test::FakeWorld::Sync sync) {
+    moebal::ExpertBiasBalancer balancer(4, 0.5);
+    balancer.add_counts(r == 0 ? (Eigen::VectorXd(4) << 5, 1, 0, 0).finished()
+                               : (Eigen::VectorXd(4) << 0, 0, 1, 5).finished());
+    balancer.update(biases[std::size_t(r)], sync);
+  });
+  for (int r = 0; r < 2; ++r) {
+    CHECK(errors[std::size_t(r)].empty());
+    CHECK(biases[std::size_t(r)] == (Eigen::VectorXd(4) << -0.5, 0.5, 0.5, -0.5).finished());
+  }
 }
