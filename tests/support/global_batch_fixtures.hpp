@@ -16,6 +16,7 @@
 #include <catch2/catch.hpp>
 
 #include "moebal/losses/global_batch.hpp"
+#include "support/fixtures.hpp"
 #include "support/matchers.hpp"
 
 #ifndef MOEBAL_FIXTURE_DIR
@@ -46,46 +47,9 @@ struct Case {
   bool is_float() const { return dtype == "float"; }
 };
 
-class Reader {
- public:
-  explicit Reader(const std::string& path) : in_(path) {
-    if (!in_) throw std::runtime_error("cannot open " + path);
-  }
-  bool next(std::string& token) {
-    while (in_ >> token) {
-      if (token[0] == '#') {
-        std::string rest;
-        std::getline(in_, rest);
-        continue;
-      }
-      return true;
-    }
-    return false;
-  }
-  std::string word() {
-    std::string t;
-    if (!next(t)) throw std::runtime_error("fixture ended early");
-    return t;
-  }
-  void expect(const char* keyword) {
-    const std::string t = word();
-    if (t != keyword) throw std::runtime_error(std::string("expected ") + keyword + ", got " + t);
-  }
-  double number(bool as_float) {
-    const std::string t = word();
-    char* end = nullptr;
-    const double v = as_float ? double(std::strtof(t.c_str(), &end)) : std::strtod(t.c_str(), &end);
-    if (end == t.c_str() || *end != '\0') throw std::runtime_error("not a number: " + t);
-    return v;
-  }
-  long long integer() { return std::stoll(word()); }
-
- private:
-  std::ifstream in_;
-};
 
 std::vector<Case> load() {
-  Reader reader(std::string(MOEBAL_FIXTURE_DIR) + "/global_batch.txt");
+  moebal_test::detail::TokenReader reader(std::string(MOEBAL_FIXTURE_DIR) + "/global_batch.txt");
   std::vector<Case> cases;
   std::string token;
   while (reader.next(token)) {

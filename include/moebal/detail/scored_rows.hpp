@@ -23,6 +23,23 @@
 namespace moebal {
 namespace detail {
 
+/// Adds one row's top-k selection to count vectors c (top-k) and c1 (first choice): either the
+/// ordered indices, or (selected == nullptr, the branch-free path) {j : q_j >= tau} with the
+/// unique maximum `top` as first choice.
+template <class Scalar>
+void add_selection(const Scalar* q, const Index* selected, Scalar tau, Scalar top, Index n,
+                   Index k, double* c, double* c1) {
+  if (selected == nullptr) {
+    for (Index j = 0; j < n; ++j) {
+      c[j] += q[j] >= tau ? 1.0 : 0.0;
+      c1[j] += q[j] == top ? 1.0 : 0.0;
+    }
+    return;
+  }
+  for (Index i = 0; i < k; ++i) c[selected[i]] += 1.0;
+  c1[selected[0]] += 1.0;
+}
+
 template <class Scalar>
 class ScoredRows {
  public:

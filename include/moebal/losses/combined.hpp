@@ -211,18 +211,8 @@ class CombinedAuxLoss {
         function, x, mask,
         [&](Index t, const Scalar* q, const Index* selected) {
           tokens += 1.0;
-          // Adds this row's selection to count vectors c (top-k) and c1 (first choice).
           auto count = [&](double* c, double* c1) {
-            if (selected == nullptr) {  // no tie: {q >= tau}, first choice the unique maximum
-              const Scalar tau = rows_.threshold(), top = rows_.top();
-              for (Index j = 0; j < n; ++j) {
-                c[j] += q[j] >= tau ? 1.0 : 0.0;
-                c1[j] += q[j] == top ? 1.0 : 0.0;
-              }
-              return;
-            }
-            for (Index i = 0; i < k; ++i) c[selected[i]] += 1.0;
-            c1[selected[0]] += 1.0;
+            detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k, c, c1);
           };
           if (use_seq) {
             // Per-sequence sums only; the batch sums are their totals (added after the pass).

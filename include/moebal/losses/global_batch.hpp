@@ -314,16 +314,8 @@ class GlobalBatchBalance {
         function, x, mask,
         [&](Index, const Scalar* q, const Index* selected) {
           *tokens += 1.0;
-          if (selected == nullptr) {
-            const Scalar tau = rows_.threshold(), top = rows_.top();
-            for (Index j = 0; j < n; ++j) {
-              c[j] += q[j] >= tau ? 1.0 : 0.0;
-              c1[j] += q[j] == top ? 1.0 : 0.0;
-            }
-          } else {
-            for (Index i = 0; i < k; ++i) c[selected[i]] += 1.0;
-            c1[selected[0]] += 1.0;
-          }
+          detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k, c.data(),
+                                c1.data());
           if (sums != nullptr) {
             double* s = sums->data();
             for (Index j = 0; j < n; ++j) s[j] += double(q[j]);
@@ -504,16 +496,8 @@ class RunningGlobalBalance {
           function, x, mask,
           [&](Index, const Scalar* q, const Index* selected) {
             tokens += 1.0;
-            if (selected == nullptr) {
-              const Scalar tau = rows_.threshold(), top = rows_.top();
-              for (Index j = 0; j < n; ++j) {
-                counts_[j] += q[j] >= tau ? 1.0 : 0.0;
-                first_[j] += q[j] == top ? 1.0 : 0.0;
-              }
-            } else {
-              for (Index i = 0; i < k; ++i) counts_[selected[i]] += 1.0;
-              first_[selected[0]] += 1.0;
-            }
+            detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k,
+                                  counts_.data(), first_.data());
             double* s = sums_.data();
             for (Index j = 0; j < n; ++j) s[j] += double(q[j]);
           },
