@@ -24,7 +24,8 @@
 /// Dropped slots get weight 0 and zero gradient. `renormalize` divides each token's kept weights
 /// by max(their sum, float32 epsilon) (DeepSpeed top-2 does; Megatron-core does not).
 /// `pad_to_capacity` (Megatron-core `moe_pad_expert_input_to_capacity`) fills every expert up to
-/// C with unrouted tokens of weight 0 (lowest token indices first), reported in `padded`.
+/// min(C, T) with tokens not routed to it, weight 0, lowest token indices first (`padded`,
+/// `dense_map`). The result also holds the dense T x N map and weights.
 /// The balance losses should take counts from the plain top-k or the routed-before-capacity
 /// counts, never from a padded map (Megatron-LM issue #1617: padded maps made the loss constant).
 
@@ -83,6 +84,10 @@ struct CapacityResult {
   CountVector counts_before, counts_after;
   /// Per expert: padding tokens added by `pad_to_capacity` (0 otherwise).
   CountVector padded;
+  /// The same as dense T x N matrices (Megatron-core's routing map and probs): 1 where token t
+  /// goes to expert e (kept, or padding), and its weight (0 for padding).
+  Eigen::Matrix<std::uint8_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> dense_map;
+  RowMatrix<Scalar> dense_weights;
   /// Per expert: dropped / routed (0 for an expert nobody chose); overall: dropped / (T k).
   Eigen::VectorXd dropped_fraction;
   double dropped_fraction_overall = 0.0;
@@ -255,10 +260,31 @@ CapacityResult<typename DerivedW::Scalar> apply_capacity(const Eigen::Ref<const 
       for (Index s = 0; s < k; ++s) r.weights(t, s) /= d;
     }
   }
+  r.dense_map.setZero(T, num_experts);
+  r.dense_weights = RowMatrix<Scalar>::Zero(T, num_experts);
+  for (Index t = 0; t < T; ++t) {
+    for (Index s = 0; s < k; ++s) {
+      if (!r.kept(t, s)) continue;
+      r.dense_map(t, indices(t, s)) = 1;
+      r.dense_weights(t, indices(t, s)) = r.weights(t, s);
+    }
+  }
   r.padded = CountVector::Zero(num_experts);
   if (options.pad_to_capacity) {
+    // Fill each expert with the lowest-index tokens that were not routed to it (Megatron-core
+    // keeps the top-C of the dense probs, where unrouted tokens are 0: ties to the lower index).
+    std::vector<std::uint8_t> routed(static_cast<std::size_t>(T));
     for (Index e = 0; e < num_experts; ++e) {
-      r.padded[e] = std::max<Index>(0, std::min<Index>(r.capacity, T) - r.counts_after[e]);
+      std::fill(routed.begin(), routed.end(), std::uint8_t(0));
+      for (Index t = 0; t < T; ++t)
+        for (Index s = 0; s < k; ++s) if (indices(t, s) == e) routed[std::size_t(t)] = 1;
+      const Index target = std::min<Index>(r.capacity, T);
+      for (Index t = 0; t < T && r.counts_after[e] + r.padded[e] < target; ++t) {
+        if (routed[std::size_t(t)] == 0) {
+          r.dense_map(t, e) = 1;
+          ++r.padded[e];
+        }
+      }
     }
   }
   r.dropped_fraction = Eigen::VectorXd::Zero(num_experts);
