@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "moebal/losses/switch.hpp"
 #include "moebal/routers/capacity.hpp"
 #include "moebal/routers/expert_choice.hpp"
 #include "moebal/routers/noise.hpp"
@@ -248,4 +249,34 @@ TEST_CASE("capacity and noise: bad input", "[capacity][errors]") {
                     "moebal::smooth_load_loss: argument 'noise_std': expected finite noise scales "
                     "> 0, got 0 at element 0");
   CHECK_THROWS_AS(moebal::expert_choice(x, 0.1), moebal::invalid_argument);
+}
+
+TEST_CASE("switch_aux_loss_with_counts: counts before or after capacity, never padded",
+          "[capacity][loss]") {
+  const RowMatrix<double> x = random_logits(40, 8, 2.0, 41);
+  const auto routed = moebal::route(x, 2, moebal::RouterOptions{});
+  CapacityOptions o;
+  o.capacity_factor = 0.75;
+  o.pad_to_capacity = true;
+  const auto r = moebal::apply_capacity(routed.indices, routed.weights, 8, o);
+  // Counts before capacity are the plain top-k counts: the usual Switch loss.
+  const auto before = moebal::switch_aux_loss_with_counts(x, r.counts_before, 2);
+  const auto plain = moebal::switch_aux_loss(x, 2);
+  CHECK(before.loss == Approx(plain.loss).epsilon(1e-13));
+  CHECK_THAT(before.grad, IsCloseTo(plain.grad, 1e-16, 1e-11));
+  // After capacity: fewer counts, a different loss, and its gradient by central differences.
+  const auto after = moebal::switch_aux_loss_with_counts(x, r.counts_after, 2);
+  CHECK(after.loss < before.loss);
+  auto f = [&](const RowMatrix<double>& z) {
+    return double(moebal::switch_aux_loss_with_counts(z, r.counts_after, 2).loss);
+  };
+  const auto report = moebal::testing::gradcheck(f, x, after.grad);
+  INFO(report.message());
+  CHECK(report.passed);
+  // A padded map's counts are all min(C, T): f is uniform and the loss cannot see imbalance.
+  const moebal::CountVector padded = r.counts_after + r.padded;
+  CHECK(padded.minCoeff() == padded.maxCoeff());
+  CHECK_THROWS_WITH(moebal::switch_aux_loss_with_counts(x, Eigen::VectorXd::Zero(7), 2),
+                    "moebal::switch_aux_loss_with_counts: argument 'counts': expected one count per "
+                    "expert (length N = 8), got length 7");
 }

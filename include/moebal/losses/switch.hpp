@@ -31,6 +31,7 @@
 #include "moebal/core/error.hpp"
 #include "moebal/core/statistics.hpp"
 #include "moebal/core/types.hpp"
+#include "moebal/core/scores.hpp"
 #include "moebal/detail/input.hpp"
 #include "moebal/detail/reduce.hpp"
 #include "moebal/detail/score_kernels.hpp"
@@ -498,6 +499,84 @@ SwitchAuxResult<typename Derived::Scalar> switch_aux_loss(const Eigen::MatrixBas
   RowMatrixRef<Scalar> grad(result.grad);
   result.loss = loss.forward_backward_impl(function, x, grad, options.mask, Scalar(1));
   result.stats = loss.stats();
+  return result;
+}
+
+}  // namespace moebal
+
+namespace moebal {
+
+/// The Switch loss with the counts given instead of counted from the logits' own top-k: f from
+/// `counts` in `options.convention` (megatron: c / (T k); huggingface: c / T; first_choice: the
+/// counts are first-choice counts, f = c / T), P from the logits' scores, T the real tokens of
+/// `logits`. Use it to feed the loss the routed-before-capacity counts (`CapacityResult::
+/// counts_before`, the usual choice) or the routed-after-capacity counts (`counts_after`).
+/// Never feed it a padded map's counts: padding makes every expert's count C, f uniform and the
+/// loss constant (Megatron-LM issue #1617).
+/// @param counts length N, finite and >= 0. @throws moebal::invalid_argument for a wrong
+///   length or an invalid count, and as `switch_aux_loss`.
+template <class Derived, class DerivedC>
+SwitchAuxResult<typename Derived::Scalar> switch_aux_loss_with_counts(
+    const Eigen::MatrixBase<Derived>& logits, const Eigen::MatrixBase<DerivedC>& counts, Index k,
+    const SwitchOptions& options = {}) {
+  using Scalar = typename Derived::Scalar;
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::switch_aux_loss_with_counts: logits must be float or double");
+  constexpr const char* function = "moebal::switch_aux_loss_with_counts";
+  const detail::RowInput<Scalar> x(logits);
+  detail::check_logits_shape(function, x.rows(), x.cols());
+  detail::check_switch_config(function, x.cols(), k, options);
+  detail::check_mask(function, options.mask, x.rows());
+  const Index n = x.cols();
+  if (counts.size() != n) {
+    detail::throw_invalid(function, "counts", detail::concat("one count per expert (length N = ", n, ")"),
+                          detail::concat("length ", counts.size()));
+  }
+  Eigen::VectorXd c(n);
+  for (Index i = 0; i < n; ++i) {
+    c[i] = double(counts.derived().coeff(i));
+    if (!(c[i] >= 0) || !std::isfinite(c[i])) {
+      detail::throw_invalid(function, "counts", "finite counts >= 0", detail::concat(c[i], " at expert ", i));
+    }
+  }
+  // P: the scores summed over real tokens.
+  detail::ScratchArray<Scalar> raw(n);
+  detail::RowNorm<Scalar> norm;
+  Eigen::VectorXd sums = Eigen::VectorXd::Zero(n);
+  double tokens = 0.0;
+  for (Index t = 0; t < x.rows(); ++t) {
+    if (!options.mask.is_real(t)) continue;
+    const Scalar* row = x.data() + t * x.outerStride();
+    if (!detail::raw_scores(row, n, options.score, raw, norm)) {
+      detail::throw_invalid_row(function, row, n, t, options.score);
+    }
+    for (Index j = 0; j < n; ++j) sums[j] += double(raw[j] * norm.inv);
+    tokens += 1.0;
+  }
+  SwitchAuxResult<Scalar> result;
+  Eigen::VectorXd f = Eigen::VectorXd::Zero(n);
+  if (tokens > 0) detail::load_fraction(options.convention, c, c, tokens, k, f);
+  const double value = tokens > 0 ? options.coefficient * double(n) * f.dot(sums) / tokens : 0.0;
+  result.loss = static_cast<Scalar>(value);
+  // Gradient: d L / d q_tj = a N f_j / T through the score function.
+  RowMatrix<Scalar> g(x.rows(), n);
+  for (Index t = 0; t < x.rows(); ++t) {
+    if (tokens > 0 && options.mask.is_real(t)) {
+      g.row(t) = (options.coefficient * double(n) / tokens * f).transpose().template cast<Scalar>();
+    } else {
+      g.row(t).setZero();
+    }
+  }
+  result.grad = detail::scores_backward_impl<Scalar>(function, x, detail::RowInput<Scalar>(g), options.score);
+  for (Index t = 0; t < x.rows(); ++t) if (!options.mask.is_real(t)) result.grad.row(t).setZero();
+  result.stats.tokens = static_cast<std::int64_t>(tokens);
+  result.stats.tokens_per_expert = c.template cast<std::int64_t>();
+  result.stats.first_choice_tokens = CountVector::Zero(n);
+  result.stats.f = f;
+  result.stats.P = tokens > 0 ? Eigen::VectorXd(sums / tokens) : Eigen::VectorXd::Zero(n);
+  result.stats.balanced_value =
+      options.coefficient * (options.convention == SwitchConvention::huggingface ? double(k) : 1.0);
+  result.stats.balance = balance_metrics(result.stats.tokens_per_expert);
   return result;
 }
 
