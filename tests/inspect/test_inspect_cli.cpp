@@ -204,3 +204,25 @@ TEST_CASE("moebal-inspect: bad input gives one line and status 2", "[inspect][er
   expect_error(run(logits + " --grad-of switch"), "--grad-of and --grad-out go together");
   expect_error(run(logits + " --convention nope"), "moebal-inspect: ");
 }
+
+TEST_CASE("moebal-inspect: numpy's Fortran-order, big-endian and float16 files give the same report",
+          "[inspect]") {
+  // tests/fixtures/npy/*_3x4_*: the same [3, 4] values 0.5 i written by numpy in each layout.
+  const std::string dir = MOEBAL_NPY_DIR;
+  const Run reference = run(dir + "/f8_3x4_c.npy --json --k 1");
+  REQUIRE(reference.status == 0);
+  const auto expected = nlohmann::json::parse(reference.out);
+  for (const char* file : {"f4_3x4_c.npy", "f4_3x4_f.npy", "f4be_3x4_c.npy", "f8be_3x4_c.npy",
+                           "f2_3x4_c.npy", "f2be_3x4_c.npy", "f4_3x4_v2.npy", "f4_3x4_v3.npy"}) {
+    INFO(file);
+    const Run r = run(dir + "/" + file + " --json --k 1");
+    REQUIRE(r.status == 0);
+    const auto j = nlohmann::json::parse(r.out);
+    CHECK(j["losses"]["switch"].get<double>() == Approx(expected["losses"]["switch"].get<double>()).epsilon(1e-12));
+    CHECK(j["tokens_per_expert"] == expected["tokens_per_expert"]);
+  }
+  // A gradient written for a Fortran-order input has the input's shape (C order, float64).
+  const std::string grad = temp_dir() + "/fortran_grad.npy";
+  REQUIRE(run(dir + "/f4_3x4_f.npy --k 1 --grad-of z --grad-out " + grad).status == 0);
+  CHECK(moebal_inspect::read_npy(grad).shape == std::vector<std::int64_t>{3, 4});
+}
