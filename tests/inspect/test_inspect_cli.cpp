@@ -185,6 +185,9 @@ TEST_CASE("moebal-inspect: bad input gives one line and status 2", "[inspect][er
   std::ofstream(text_file) << "hello";
   expect_error(run(text_file), text_file + ": ");
   expect_error(run(temp_dir() + "/missing.npy"), "missing.npy");
+  const std::string npy_dir = MOEBAL_NPY_DIR;
+  expect_error(run(npy_dir + "/truncated.npy"), "truncated.npy: truncated data");
+  expect_error(run(npy_dir + "/complex.npy"), "complex.npy: unsupported dtype '<c8'");
   RowMatrix<double> nan = x;
   nan(2, 1) = std::nan("");
   expect_error(run(save("nan.npy", nan)), "nan.npy: NaN at row 2, column 1");
