@@ -166,6 +166,19 @@ class ScoredRows {
   /// The current row's (unique) largest score when visit received selected == nullptr.
   Scalar top() const noexcept { return top_; }
 
+  /// Checks the call and runs `backward` with the same d L / d q vector g (length N) for every
+  /// real row: the losses that are linear in the scores with constant weights.
+  template <bool Accumulate>
+  void backward_constant(const char* function, const RowInput<Scalar>& x, RowMatrixRef<Scalar>& out,
+                         Scalar scale, const Scalar* g, bool raw_in_out) {
+    check_backward(function, x, out, double(scale));
+    const Index n = n_;
+    backward<Accumulate>(
+        function, x, out, scale,
+        [&](Index, const Scalar*, const Index*, Scalar* row_g) { std::copy(g, g + n, row_g); },
+        [](Index, Scalar*) {}, raw_in_out, false);
+  }
+
   /// Row t's normalizer from the last forward (valid inside `visit` for the current row).
   const RowNorm<Scalar>& norm(Index t) const { return norms_[static_cast<std::size_t>(t)]; }
   /// Row t's scores as rebuilt by the current backward (valid inside `after_row`).

@@ -366,13 +366,8 @@ class GlobalBatchBalance {
   template <bool Accumulate>
   void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
                      RowMatrixRef<Scalar>& out, Scalar scale, bool raw_in_out) {
-    rows_.check_backward(function, x, out, double(scale));
-    const Index n = rows_.num_experts();
-    const Scalar* g = g_compute_.data();
-    rows_.template backward<Accumulate>(
-        function, x, out, scale,
-        [&](Index, const Scalar*, const Index*, Scalar* row_g) { std::copy(g, g + n, row_g); },
-        [](Index, Scalar*) {}, raw_in_out, false);
+    rows_.template backward_constant<Accumulate>(function, x, out, scale, g_compute_.data(),
+                                                 raw_in_out);
   }
 
   GlobalBatchOptions options_;
@@ -543,13 +538,8 @@ class RunningGlobalBalance {
   template <bool Accumulate>
   void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
                      RowMatrixRef<Scalar>& out, Scalar scale, bool raw_in_out) {
-    rows_.check_backward(function, x, out, double(scale));
-    const Index n = rows_.num_experts();
-    const Scalar* g = g_compute_.data();
-    rows_.template backward<Accumulate>(
-        function, x, out, scale,
-        [&](Index, const Scalar*, const Index*, Scalar* row_g) { std::copy(g, g + n, row_g); },
-        [](Index, Scalar*) {}, raw_in_out, false);
+    rows_.template backward_constant<Accumulate>(function, x, out, scale, g_compute_.data(),
+                                                 raw_in_out);
   }
 
   GlobalBatchOptions options_;
