@@ -240,7 +240,8 @@ BalanceMetrics balance_metrics(const Eigen::MatrixBase<Derived>& counts) {
 /// ties to the lower expert index. Padded tokens (mask 0) are never read: neither their logits
 /// nor their labels (so a padding label such as -100 is allowed there).
 ///
-/// @param logits T x N router logits, float or double (rows are tokens). Row-major storage is
+/// @param logits T x N router logits, float, double, Eigen::bfloat16 or Eigen::half (scores
+///   computed in float for half precision; rows are tokens). Row-major storage is
 ///   read in place; column-major is converted once.
 /// @param k experts per token, 1 <= k <= N.
 /// @param domains length T, the domain label of each token, in [0, num_domains).
@@ -259,8 +260,9 @@ Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic> domain_expert_counts
     ScoreFunction score = ScoreFunction::softmax, const TokenMask& mask = {}) {
   using Scalar = typename Derived::Scalar;
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::domain_expert_counts: logits must be float or double; cast them first, "
-                "e.g. logits.template cast<float>()");
+                "moebal::domain_expert_counts: logits must be float, double, Eigen::bfloat16 or "
+                "Eigen::half; cast them first, e.g. logits.template cast<float>()");
+  using Compute = compute_type_t<Scalar>;
   constexpr const char* function = "moebal::domain_expert_counts";
   const detail::RowInput<Scalar> x(logits);
   const Index rows = x.rows(), n = x.cols();
@@ -294,14 +296,16 @@ Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic> domain_expert_counts
 
   Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic> table =
       Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic>::Zero(num_domains, n);
-  detail::ScratchArray<Scalar> raw(n), q(n);
-  detail::RowNorm<Scalar> norm;
-  detail::TopkScratch<Scalar> scratch;
+  detail::ScratchArray<Compute> raw(n), q(n);
+  detail::RowNorm<Compute> norm;
+  detail::TopkScratch<Compute> scratch;
+  detail::RowReader<Scalar, Compute> reader;
+  reader.resize(n);
   scratch.resize(n, k);
   Eigen::Matrix<Index, Eigen::Dynamic, 1> selected(k);
   for (Index t = 0; t < rows; ++t) {
     if (!mask.is_real(t)) continue;
-    const Scalar* row = x.data() + t * x.outerStride();
+    const Compute* row = reader.read(x.data() + t * x.outerStride(), n);
     if (!detail::raw_scores(row, n, score, raw, norm)) {
       detail::throw_invalid_row(function, row, n, t, score);
     }

@@ -46,7 +46,8 @@ auto tensor_as_matrix(const TensorType& tensor) {
   static_assert(rank == 2 || rank == 3,
                 "moebal: tensors must be rank 2 [tokens, experts] or rank 3 [batch, sequence, "
                 "experts]");
-  static_assert(is_supported_scalar_v<Scalar>, "moebal: tensor elements must be float or double");
+  static_assert(is_supported_scalar_v<Scalar>,
+                "moebal: tensor elements must be float, double, Eigen::bfloat16 or Eigen::half");
   constexpr int storage = tensor_layout_v<TensorType> == int(Eigen::RowMajor) ? Eigen::RowMajor
                                                                              : Eigen::ColMajor;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, storage>;
@@ -75,7 +76,7 @@ Eigen::Tensor<Scalar, TensorType::NumDimensions, tensor_layout_v<TensorType>> te
 /// @return loss, grad (a tensor like the input), stats. @throws as `switch_aux_loss`.
 template <class TensorType>
 auto switch_aux_loss_tensor(const TensorType& logits, Index k, const SwitchOptions& options = {}) {
-  using Scalar = detail::tensor_scalar_t<TensorType>;
+  using Scalar = compute_type_t<detail::tensor_scalar_t<TensorType>>;
   auto r = switch_aux_loss(detail::tensor_as_matrix(logits), k, options);
   TensorLossResult<Scalar, TensorType::NumDimensions, detail::tensor_layout_v<TensorType>,
                    SwitchStats>
@@ -95,7 +96,7 @@ auto switch_aux_loss_tensor(const TensorType& logits, Index k, const SwitchOptio
 template <class TensorType>
 auto sequence_aux_loss_tensor(const TensorType& logits, Index k,
                               const SequenceOptions& options = {}) {
-  using Scalar = detail::tensor_scalar_t<TensorType>;
+  using Scalar = compute_type_t<detail::tensor_scalar_t<TensorType>>;
   static_assert(TensorType::NumDimensions == 3,
                 "moebal::sequence_aux_loss_tensor: logits must be rank 3 [batch, sequence, "
                 "experts]");

@@ -28,6 +28,33 @@ using RowMatrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::R
 template <class Scalar>
 using RowMatrixRef = Eigen::Ref<RowMatrix<Scalar>, 0, Eigen::OuterStride<>>;
 
+/// The type moebal computes and accumulates in for logits stored as `Storage`: `float` for the
+/// half-precision types `Eigen::bfloat16` and `Eigen::half` (as Megatron-core's
+/// `moe_router_dtype=fp32` and Hugging Face's upcast of router logits), the type itself for
+/// `float` and `double`. Values and one-line results of half-precision logits are in this type.
+template <class Storage>
+struct compute_type {
+  using type = Storage;
+};
+template <>
+struct compute_type<Eigen::bfloat16> {
+  using type = float;
+};
+template <>
+struct compute_type<Eigen::half> {
+  using type = float;
+};
+/// `compute_type<Storage>::type`: float for bfloat16 and half logits, the type itself otherwise.
+template <class Storage>
+using compute_type_t = typename compute_type<Storage>::type;
+
+/// Whether `Scalar` is one of the logit types every loss and router accepts: `float`, `double`,
+/// `Eigen::bfloat16` or `Eigen::half`.
+template <class Scalar>
+inline constexpr bool is_logit_scalar_v =
+    std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double> ||
+    std::is_same_v<Scalar, Eigen::bfloat16> || std::is_same_v<Scalar, Eigen::half>;
+
 /// Per-expert integer counts (64-bit).
 using CountVector = Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>;
 

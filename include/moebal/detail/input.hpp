@@ -22,9 +22,33 @@ namespace detail {
 template <class Scalar>
 using RowInput = Eigen::Ref<const RowMatrix<Scalar>, 0, Eigen::OuterStride<>>;
 
+/// float, double, Eigen::bfloat16 or Eigen::half (see `compute_type_t`).
 template <class Scalar>
-inline constexpr bool is_supported_scalar_v =
+inline constexpr bool is_supported_scalar_v = is_logit_scalar_v<Scalar>;
+
+/// float or double: the types moebal computes in.
+template <class Scalar>
+inline constexpr bool is_compute_scalar_v =
     std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>;
+
+/// The element type of an output buffer argument (a RowMatrix, a block of one, a Map, a Ref).
+template <class Out>
+using output_scalar_t = typename std::decay_t<Out>::Scalar;
+
+/// A row-major view of the caller's gradient buffer `out`, whose elements must be the logits'
+/// storage type or their compute type (for half-precision logits: bfloat16/half, or float for
+/// fp32 master gradients).
+template <class Storage, class Out>
+RowMatrixRef<output_scalar_t<Out>> output_ref(Out& out) {
+  using O = output_scalar_t<Out>;
+  static_assert(std::is_same_v<O, Storage> || std::is_same_v<O, compute_type_t<Storage>>,
+                "moebal: the gradient buffer's elements must be the logits' type or their "
+                "compute type (float for bfloat16/half logits)");
+  static_assert(bool(std::decay_t<Out>::IsRowMajor) || std::decay_t<Out>::ColsAtCompileTime == 1,
+                "moebal: the gradient buffer must be row-major (moebal::RowMatrix, a block of "
+                "one, or an Eigen::Map with Eigen::RowMajor)");
+  return RowMatrixRef<O>(out);
+}
 
 inline std::string shape_string(Index rows, Index cols) {
   return concat(rows, " x ", cols);

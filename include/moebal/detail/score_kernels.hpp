@@ -10,10 +10,10 @@
 // row the same way every time) and summed with a fixed lane order (detail/reduce.hpp).
 // Storage type S (what the caller's logits hold) and compute type C are separate parameters.
 
+#include <Eigen/Core>
 #include <cmath>
 #include <limits>
-
-#include <Eigen/Core>
+#include <type_traits>
 
 #include "moebal/core/error.hpp"
 #include "moebal/core/types.hpp"
@@ -24,6 +24,50 @@ namespace detail {
 
 template <class C>
 using ScratchArray = Eigen::Array<C, Eigen::Dynamic, 1>;
+
+/// Reads rows of logits stored as S in the compute type C: for S == C the row is used in place
+/// (no copy, no cost); for half-precision storage each row is converted into an aligned
+/// scratch row of C, one row at a time, so the T x N logits are still read in place and never
+/// copied as a whole.
+template <class S, class C>
+class RowReader {
+ public:
+  void resize(Index n) {
+    if constexpr (!std::is_same_v<S, C>) row_.resize(n);
+    (void)n;
+  }
+  /// Row of n values at `x`, in C. Valid until the next call.
+  const C* read(const S* x, Index n) {
+    if constexpr (std::is_same_v<S, C>) {
+      (void)n;
+      return x;
+    } else {
+      MOEBAL_ASSERT(row_.size() >= n);
+      C* out = row_.data();
+      for (Index j = 0; j < n; ++j) out[j] = static_cast<C>(x[j]);
+      return out;
+    }
+  }
+
+ private:
+  Eigen::Array<C, Eigen::Dynamic, 1> row_;
+};
+
+/// dst = value (or dst += value, `Accumulate`) with one rounding to the output type Out.
+template <bool Accumulate, class C, class Out>
+inline void store(Out& dst, C value) {
+  if constexpr (std::is_same_v<Out, C>) {
+    if constexpr (Accumulate) {
+      dst += value;
+    } else {
+      dst = value;
+    }
+  } else if constexpr (Accumulate) {
+    dst = static_cast<Out>(static_cast<C>(static_cast<float>(dst)) + value);
+  } else {
+    dst = static_cast<Out>(value);
+  }
+}
 
 /// What a pass needs to rebuild a row's scores from its raw values: q_j = raw_j * inv.
 /// `shift` is the subtracted maximum (softmax only). `inv == 0` marks a padded token, which
@@ -112,21 +156,11 @@ void score_vjp_row(const C* raw, const RowNorm<C>& norm, const C* g, C g_dot_q, 
                    ScoreFunction score, Index n, Out* dx) {
   if (score == ScoreFunction::softmax) {
     for (Index j = 0; j < n; ++j) {
-      const C value = scale * (raw[j] * norm.inv) * (g[j] - g_dot_q);
-      if constexpr (Accumulate) {
-        dx[j] += static_cast<Out>(value);
-      } else {
-        dx[j] = static_cast<Out>(value);
-      }
+      store<Accumulate>(dx[j], C(scale * (raw[j] * norm.inv) * (g[j] - g_dot_q)));
     }
   } else {
     for (Index j = 0; j < n; ++j) {
-      const C value = scale * (raw[j] * (C(1) - raw[j]) * norm.inv) * (g[j] - g_dot_q);
-      if constexpr (Accumulate) {
-        dx[j] += static_cast<Out>(value);
-      } else {
-        dx[j] = static_cast<Out>(value);
-      }
+      store<Accumulate>(dx[j], C(scale * (raw[j] * (C(1) - raw[j]) * norm.inv) * (g[j] - g_dot_q)));
     }
   }
 }

@@ -9,10 +9,10 @@
 // pass 2 (backward) can rebuild q_t bitwise, ask the loss for d L / d q_t and push it through
 // the score function's vector-Jacobian product into the caller's buffer.
 
-#include <algorithm>
-#include <vector>
-
 #include <Eigen/Core>
+#include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #include "moebal/core/error.hpp"
 #include "moebal/core/types.hpp"
@@ -40,9 +40,12 @@ void add_selection(const Scalar* q, const Index* selected, Scalar tau, Scalar to
   c1[selected[0]] += 1.0;
 }
 
-template <class Scalar>
+/// @tparam S the logits' storage type; rows are computed in C = compute_type_t<S>.
+template <class S>
 class ScoredRows {
  public:
+  using C = compute_type_t<S>;
+
   /// Sizes the per-row workspace for N experts and top-k selections of k (0: no selection).
   /// `unordered`: when a row has no tie around its top k, visit receives selected == nullptr
   /// and the selection is {j : q_j >= threshold()}, with first choice the unique q_j == top()
@@ -53,8 +56,10 @@ class ScoredRows {
     unordered_ = unordered && k <= kThresholdTopkMaxK;
     score_ = score;
     raw_.resize(num_experts);
+    reader_.resize(num_experts);
     q_.resize(num_experts);
     g_.resize(num_experts);
+    drow_.resize(num_experts);
     selected_.resize(static_cast<std::size_t>(std::max<Index>(k, 1)));
     topk_.resize(num_experts, std::max<Index>(k, 1));
     rows_ = -1;
@@ -65,25 +70,25 @@ class ScoredRows {
   /// T of the last completed forward, or -1.
   Index rows() const noexcept { return rows_; }
   /// Whether row t of the last forward was a real token.
-  bool is_real(Index t) const { return norms_[static_cast<std::size_t>(t)].inv != Scalar(0); }
+  bool is_real(Index t) const { return norms_[static_cast<std::size_t>(t)].inv != C(0); }
 
   /// Pass 1. For each real row t (in order): visit(t, q, selected), with q the row's N scores
   /// and selected its k top-k indices by decreasing score (ties to the lower index).
   /// With `raw_out`, each real row's raw scores are also left in that buffer for a backward
   /// with `raw_in_out` (the fused form: the output buffer carries the scores between passes).
   template <class Visit>
-  void forward(const char* function, const RowInput<Scalar>& x, const TokenMask& mask,
-               Visit&& visit, RowMatrixRef<Scalar>* raw_out = nullptr) {
+  void forward(const char* function, const RowInput<S>& x, const TokenMask& mask, Visit&& visit,
+               RowMatrixRef<C>* raw_out = nullptr) {
     rows_ = -1;
     const Index rows = x.rows();
     norms_.resize(static_cast<std::size_t>(rows));
     for (Index t = 0; t < rows; ++t) {
-      RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
+      RowNorm<C>& norm = norms_[static_cast<std::size_t>(t)];
       if (!mask.is_real(t)) {
-        norm = RowNorm<Scalar>{};
+        norm = RowNorm<C>{};
         continue;
       }
-      const Scalar* row = x.data() + t * x.outerStride();
+      const C* row = reader_.read(x.data() + t * x.outerStride(), n_);
       if (!raw_scores(row, n_, score_, raw_, norm)) throw_invalid_row(function, row, n_, t, score_);
       scores_from_raw(raw_, norm, q_);
       const Index* selected = selected_.data();
@@ -94,15 +99,16 @@ class ScoredRows {
           topk_row(q_.data(), n_, k_, selected_.data(), topk_);
         }
       }
-      visit(t, static_cast<const Scalar*>(q_.data()), selected);
+      visit(t, static_cast<const C*>(q_.data()), selected);
       if (raw_out != nullptr) raw_out->row(t) = raw_.transpose().matrix();
     }
     rows_ = rows;
   }
 
   /// Checks that a backward call matches the last forward.
-  void check_backward(const char* function, const RowInput<Scalar>& x,
-                      const RowMatrixRef<Scalar>& out, double scale) const {
+  template <class Out>
+  void check_backward(const char* function, const RowInput<S>& x, const RowMatrixRef<Out>& out,
+                      double scale) const {
     if (rows_ < 0) {
       throw_invalid(function, "logits", "the logits of a completed forward",
                     "a call before any forward completed");
@@ -122,30 +128,35 @@ class ScoredRows {
   /// `raw_in_out`: the forward left each real row's raw scores in `out` (write form only);
   /// otherwise they are recomputed from x. `reselect`: recompute the top-k for grad_row
   /// (otherwise `selected` is not meaningful in grad_row).
-  template <bool Accumulate, class GradRow>
-  void backward(const char* function, const RowInput<Scalar>& x, RowMatrixRef<Scalar>& out,
-                Scalar scale, GradRow&& grad_row, bool raw_in_out = false, bool reselect = true) {
-    backward<Accumulate>(function, x, out, scale, grad_row, [](Index, Scalar*) {}, raw_in_out,
-                         reselect);
+  template <bool Accumulate, class Out, class GradRow>
+  void backward(const char* function, const RowInput<S>& x, RowMatrixRef<Out>& out, C scale,
+                GradRow&& grad_row, bool raw_in_out = false, bool reselect = true) {
+    backward<Accumulate>(
+        function, x, out, scale, grad_row, [](Index, C*) {}, raw_in_out, reselect);
   }
 
-  /// As above; then after_row(t, dx) may add a term of its own to the finished row dx.
-  template <bool Accumulate, class GradRow, class AfterRow>
-  void backward(const char* function, const RowInput<Scalar>& x, RowMatrixRef<Scalar>& out,
-                Scalar scale, GradRow&& grad_row, AfterRow&& after_row, bool raw_in_out,
-                bool reselect) {
+  /// As above; then after_row(t, dx) may add a term of its own to the finished row dx (a C*
+  /// row: for another output type the row is finished in C and stored once).
+  template <bool Accumulate, class Out, class GradRow, class AfterRow>
+  void backward(const char* function, const RowInput<S>& x, RowMatrixRef<Out>& out, C scale,
+                GradRow&& grad_row, AfterRow&& after_row, bool raw_in_out, bool reselect) {
     MOEBAL_ASSERT(!(Accumulate && raw_in_out));
+    // A buffer of another type than C cannot carry the scores: they are recomputed.
+    raw_in_out = raw_in_out && std::is_same_v<Out, C>;
     for (Index t = 0; t < rows_; ++t) {
-      const RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
-      Scalar* dx = out.data() + t * out.outerStride();
-      if (norm.inv == Scalar(0)) {
-        if constexpr (!Accumulate) std::fill(dx, dx + n_, Scalar(0));
+      const RowNorm<C>& norm = norms_[static_cast<std::size_t>(t)];
+      Out* dx = out.data() + t * out.outerStride();
+      if (norm.inv == C(0)) {
+        if constexpr (!Accumulate) std::fill(dx, dx + n_, Out(0));
         continue;
       }
-      const Scalar* raw = dx;
+      const C* raw = raw_.data();
+      if constexpr (std::is_same_v<Out, C>) {
+        if (raw_in_out) raw = dx;
+      }
       if (!raw_in_out) {
-        const Scalar* row = x.data() + t * x.outerStride();
-        RowNorm<Scalar> again;
+        const C* row = reader_.read(x.data() + t * x.outerStride(), n_);
+        RowNorm<C> again;
         if (!raw_scores(row, n_, score_, raw_, again)) {
           throw_invalid_row(function, row, n_, t, score_);
         }
@@ -153,47 +164,55 @@ class ScoredRows {
       }
       for (Index j = 0; j < n_; ++j) q_[j] = raw[j] * norm.inv;
       if (k_ > 0 && reselect) topk_row(q_.data(), n_, k_, selected_.data(), topk_);
-      grad_row(t, static_cast<const Scalar*>(q_.data()),
-               static_cast<const Index*>(selected_.data()), g_.data());
-      const Scalar g_dot_q = dot_with_scores(g_.data(), raw, norm, n_);
-      score_vjp_row<Accumulate>(raw, norm, g_.data(), g_dot_q, scale, score_, n_, dx);
-      after_row(t, dx);
+      grad_row(t, static_cast<const C*>(q_.data()), static_cast<const Index*>(selected_.data()),
+               g_.data());
+      const C g_dot_q = dot_with_scores(g_.data(), raw, norm, n_);
+      if constexpr (std::is_same_v<Out, C>) {
+        score_vjp_row<Accumulate>(raw, norm, g_.data(), g_dot_q, scale, score_, n_, dx);
+        after_row(t, dx);
+      } else {
+        // Another output type (bfloat16/half): the row is finished in C and rounded once.
+        score_vjp_row<false>(raw, norm, g_.data(), g_dot_q, scale, score_, n_, drow_.data());
+        after_row(t, drow_.data());
+        for (Index j = 0; j < n_; ++j) store<Accumulate>(dx[j], drow_[j]);
+      }
     }
   }
 
   /// The current row's k-th largest score when visit received selected == nullptr.
-  Scalar threshold() const noexcept { return tau_; }
+  C threshold() const noexcept { return tau_; }
   /// The current row's (unique) largest score when visit received selected == nullptr.
-  Scalar top() const noexcept { return top_; }
+  C top() const noexcept { return top_; }
 
   /// Checks the call and runs `backward` with the same d L / d q vector g (length N) for every
   /// real row: the losses that are linear in the scores with constant weights.
-  template <bool Accumulate>
-  void backward_constant(const char* function, const RowInput<Scalar>& x, RowMatrixRef<Scalar>& out,
-                         Scalar scale, const Scalar* g, bool raw_in_out) {
+  template <bool Accumulate, class Out>
+  void backward_constant(const char* function, const RowInput<S>& x, RowMatrixRef<Out>& out,
+                         C scale, const C* g, bool raw_in_out) {
     check_backward(function, x, out, double(scale));
     const Index n = n_;
     backward<Accumulate>(
         function, x, out, scale,
-        [&](Index, const Scalar*, const Index*, Scalar* row_g) { std::copy(g, g + n, row_g); },
-        [](Index, Scalar*) {}, raw_in_out, false);
+        [&](Index, const C*, const Index*, C* row_g) { std::copy(g, g + n, row_g); },
+        [](Index, C*) {}, raw_in_out, false);
   }
 
   /// Row t's normalizer from the last forward (valid inside `visit` for the current row).
-  const RowNorm<Scalar>& norm(Index t) const { return norms_[static_cast<std::size_t>(t)]; }
+  const RowNorm<C>& norm(Index t) const { return norms_[static_cast<std::size_t>(t)]; }
   /// Row t's scores as rebuilt by the current backward (valid inside `after_row`).
-  const Scalar* current_scores() const { return q_.data(); }
+  const C* current_scores() const { return q_.data(); }
 
  private:
   Index n_ = 0;
   Index k_ = 0;
   bool unordered_ = false;
-  Scalar tau_ = Scalar(0), top_ = Scalar(0);
+  C tau_ = C(0), top_ = C(0);
   ScoreFunction score_ = ScoreFunction::softmax;
-  ScratchArray<Scalar> raw_, q_, g_;
+  ScratchArray<C> raw_, q_, g_, drow_;
+  RowReader<S, C> reader_;
   std::vector<Index> selected_;
-  TopkScratch<Scalar> topk_;
-  std::vector<RowNorm<Scalar>> norms_;
+  TopkScratch<C> topk_;
+  std::vector<RowNorm<C>> norms_;
   Index rows_ = -1;
 };
 

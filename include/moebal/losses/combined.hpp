@@ -108,9 +108,13 @@ inline void check_combined_options(const char* function, Index num_experts, Inde
 template <class Scalar>
 class CombinedAuxLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::CombinedAuxLoss<Scalar>: Scalar must be float or double");
+                "moebal::CombinedAuxLoss<Scalar>: Scalar must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
 
  public:
+  /// The compute type: float for bfloat16/half logits, Scalar otherwise.
+  using Compute = compute_type_t<Scalar>;
+
   /// @throws moebal::invalid_argument for invalid N, k, weights, or a missing layout.
   CombinedAuxLoss(Index num_experts, Index k, const CombinedOptions& options = {})
       : options_(options) {
@@ -119,11 +123,12 @@ class CombinedAuxLoss {
     rows_.reset(num_experts, k, options.score, /*unordered=*/true);
     statistics_ = RoutingStatistics(num_experts);
     softmax_raw_.resize(num_experts);
+    reader_.resize(num_experts);
   }
 
   /// Reads T x N logits and returns L.
   template <class Derived>
-  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+  Compute forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::CombinedAuxLoss<Scalar> takes logits of the same Scalar");
     return forward_impl("moebal::CombinedAuxLoss::forward", detail::RowInput<Scalar>(logits),
@@ -131,34 +136,35 @@ class CombinedAuxLoss {
   }
 
   /// dloss_dlogits = scale * d L / d logits for the logits of the last forward.
-  template <class Derived>
-  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
-                Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                Compute scale = Compute(1)) {
     backward_impl<false>("moebal::CombinedAuxLoss::backward", detail::RowInput<Scalar>(logits),
-                         dloss_dlogits, scale, false);
+                         detail::output_ref<Scalar>(dloss_dlogits), scale, false);
   }
 
   /// dloss_dlogits += scale * d L / d logits.
-  template <class Derived>
-  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
-                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           Compute scale = Compute(1)) {
     backward_impl<true>("moebal::CombinedAuxLoss::backward_accumulate",
-                        detail::RowInput<Scalar>(logits), dloss_dlogits, scale, false);
+                        detail::RowInput<Scalar>(logits), detail::output_ref<Scalar>(dloss_dlogits),
+                        scale, false);
   }
 
   /// Both passes: returns L and writes dloss_dlogits = scale * d L / d logits (the output
   /// buffer carries the scores between the passes).
-  template <class Derived>
-  Scalar forward_backward(const Eigen::MatrixBase<Derived>& logits,
-                          RowMatrixRef<Scalar> dloss_dlogits, const TokenMask& mask = {},
-                          Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  Compute forward_backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           const TokenMask& mask = {}, Compute scale = Compute(1)) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::CombinedAuxLoss<Scalar> takes logits of the same Scalar");
     return forward_backward_impl("moebal::CombinedAuxLoss::forward_backward",
-                                 detail::RowInput<Scalar>(logits), dloss_dlogits, mask, scale);
+                                 detail::RowInput<Scalar>(logits),
+                                 detail::output_ref<Scalar>(dloss_dlogits), mask, scale);
   }
 
-  Scalar loss() const noexcept { return static_cast<Scalar>(loss_); }
+  Compute loss() const noexcept { return static_cast<Compute>(loss_); }
   /// Each term's weighted value of the last forward.
   const CombinedTerms& terms() const noexcept { return terms_; }
   /// T, c_i, first-choice counts and score sums of the last forward.
@@ -171,19 +177,24 @@ class CombinedAuxLoss {
   }
 
   // Internal: the one-line form names itself in error messages.
-  Scalar forward_backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                               RowMatrixRef<Scalar>& out, const TokenMask& mask, Scalar scale) {
+  template <class Out>
+  Compute forward_backward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                                RowMatrixRef<Out> out, const TokenMask& mask, Compute scale) {
     detail::check_finite_parameter(function, "scale", double(scale));
     detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(),
                                x.cols());
-    const Scalar value = forward_impl(function, x, mask, &out);
-    backward_impl<false>(function, x, out, scale, true);
+    // A buffer of the compute type carries the scores between the passes.
+    constexpr bool fused = std::is_same_v<Out, Compute>;
+    RowMatrixRef<Compute>* raw_out = nullptr;
+    if constexpr (fused) raw_out = &out;
+    const Compute value = forward_impl(function, x, mask, raw_out);
+    backward_impl<false>(function, x, out, scale, fused);
     return value;
   }
 
  private:
-  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                      const TokenMask& mask, RowMatrixRef<Scalar>* raw_out) {
+  Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                       const TokenMask& mask, RowMatrixRef<Compute>* raw_out) {
     const Index n = rows_.num_experts(), k = rows_.k(), rows = x.rows();
     detail::check_logits_columns(function, x.rows(), x.cols(), n);
     detail::check_mask(function, mask, rows);
@@ -209,7 +220,7 @@ class CombinedAuxLoss {
     const bool softmax_scores = options_.score == ScoreFunction::softmax;
     rows_.forward(
         function, x, mask,
-        [&](Index t, const Scalar* q, const Index* selected) {
+        [&](Index t, const Compute* q, const Index* selected) {
           tokens += 1.0;
           auto count = [&](double* c, double* c1) {
             detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k, c, c1);
@@ -226,14 +237,14 @@ class CombinedAuxLoss {
             for (Index j = 0; j < n; ++j) sums[j] += double(q[j]);
           }
           if (use_z) {
-            detail::RowNorm<Scalar> norm = rows_.norm(t);
+            detail::RowNorm<Compute> norm = rows_.norm(t);
             if (!softmax_scores) {
-              const Scalar* row = x.data() + t * x.outerStride();
+              const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
               if (!detail::raw_scores(row, n, ScoreFunction::softmax, softmax_raw_, norm)) {
                 detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
               }
             }
-            const Scalar lse = norm.shift - std::log(norm.inv);
+            const Compute lse = norm.shift - std::log(norm.inv);
             lse_[static_cast<std::size_t>(t)] = lse;
             z_sum += double(lse) * double(lse);
           }
@@ -297,18 +308,18 @@ class CombinedAuxLoss {
       }
       terms_.sequence = averaged > 0 ? w.sequence * sum / averaged : 0.0;
     }
-    g_batch_compute_ = g_batch_.array().template cast<Scalar>();
+    g_batch_compute_ = g_batch_.array().template cast<Compute>();
     // The sequence term's d L / d q per sequence, in the compute type: w N f^s / (B' T_s).
     seq_g_.resize(sequences, n);
     for (Index s = 0; s < sequences; ++s) {
-      seq_g_.row(s) = (seq_factor_[s] * seq_f_.row(s)).template cast<Scalar>();
+      seq_g_.row(s) = (seq_factor_[s] * seq_f_.row(s)).template cast<Compute>();
     }
     loss_ = terms_.switch_loss + terms_.z + terms_.sequence + terms_.cv2_importance;
   }
 
-  template <bool Accumulate>
-  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                     RowMatrixRef<Scalar>& out, Scalar scale, bool raw_in_out) {
+  template <bool Accumulate, class Out>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out> out,
+                     Compute scale, bool raw_in_out) {
     rows_.check_backward(function, x, out, double(scale));
     const Index n = rows_.num_experts();
     const bool use_z = options_.weights.z != 0.0 && statistics_.tokens() > 0;
@@ -316,29 +327,30 @@ class CombinedAuxLoss {
     const bool softmax_scores = options_.score == ScoreFunction::softmax;
     const double z_factor =
         use_z ? double(scale) * options_.weights.z * 2.0 / statistics_.tokens() : 0.0;
-    const Scalar* gb = g_batch_compute_.data();
+    const Compute* gb = g_batch_compute_.data();
     rows_.template backward<Accumulate>(
         function, x, out, scale,
-        [&](Index t, const Scalar*, const Index*, Scalar* g) {
+        [&](Index t, const Compute*, const Index*, Compute* g) {
           if (!use_seq) {
             std::copy(gb, gb + n, g);
             return;
           }
           const Index s = sequence_of_[static_cast<std::size_t>(t)];
-          const Scalar* gs = seq_g_.data() + s * n;
+          const Compute* gs = seq_g_.data() + s * n;
           for (Index j = 0; j < n; ++j) g[j] = gb[j] + gs[j];
         },
-        [&](Index t, Scalar* dx) {
+        [&](Index t, Compute* dx) {
           if (!use_z) return;
           // z-loss: d L / d x_tj = w_z (2/T) lse_t softmax(x_t)_j.
-          const Scalar c = static_cast<Scalar>(z_factor * double(lse_[static_cast<std::size_t>(t)]));
+          const Compute c =
+              static_cast<Compute>(z_factor * double(lse_[static_cast<std::size_t>(t)]));
           if (softmax_scores) {
-            const Scalar* p = rows_.current_scores();
+            const Compute* p = rows_.current_scores();
             for (Index j = 0; j < n; ++j) dx[j] += c * p[j];
             return;
           }
-          const Scalar* row = x.data() + t * x.outerStride();
-          detail::RowNorm<Scalar> norm;
+          const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
+          detail::RowNorm<Compute> norm;
           if (!detail::raw_scores(row, n, ScoreFunction::softmax, softmax_raw_, norm)) {
             detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
           }
@@ -350,14 +362,15 @@ class CombinedAuxLoss {
   CombinedOptions options_;
   detail::ScoredRows<Scalar> rows_;
   RoutingStatistics statistics_;
-  detail::ScratchArray<Scalar> softmax_raw_;
-  std::vector<Scalar> lse_;
+  detail::ScratchArray<Compute> softmax_raw_;
+  detail::RowReader<Scalar, Compute> reader_;
+  std::vector<Compute> lse_;
   std::vector<Index> sequence_of_;
   RowMatrix<double> seq_counts_, seq_first_, seq_sums_, seq_f_;  // sequences x N
-  RowMatrix<Scalar> seq_g_;                                      // sequences x N
+  RowMatrix<Compute> seq_g_;                                     // sequences x N
   Eigen::VectorXd seq_tokens_, seq_factor_, seq_denominators_;
   Eigen::VectorXd f_, g_batch_, importance_, h_;
-  detail::ScratchArray<Scalar> g_batch_compute_;
+  detail::ScratchArray<Compute> g_batch_compute_;
   CombinedTerms terms_;
   double loss_ = 0.0;
 };
@@ -369,21 +382,22 @@ class CombinedAuxLoss {
 /// @return loss, grad, each term's weighted value, and the Switch term's stats.
 /// @throws moebal::invalid_argument as the single terms, and for a missing layout.
 template <class Derived>
-CombinedResult<typename Derived::Scalar> combined_aux_loss(const Eigen::MatrixBase<Derived>& logits,
-                                                           Index k,
-                                                           const CombinedOptions& options) {
+CombinedResult<compute_type_t<typename Derived::Scalar>> combined_aux_loss(
+    const Eigen::MatrixBase<Derived>& logits, Index k, const CombinedOptions& options) {
   using Scalar = typename Derived::Scalar;
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::combined_aux_loss: logits must be float or double");
+                "moebal::combined_aux_loss: logits must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
   constexpr const char* function = "moebal::combined_aux_loss";
   const detail::RowInput<Scalar> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
   detail::check_combined_options(function, x.cols(), k, options);
   CombinedAuxLoss<Scalar> loss(x.cols(), k, options);
-  CombinedResult<Scalar> result;
+  CombinedResult<compute_type_t<Scalar>> result;
   result.grad.resize(x.rows(), x.cols());
-  RowMatrixRef<Scalar> grad(result.grad);
-  result.loss = loss.forward_backward_impl(function, x, grad, options.mask, Scalar(1));
+  RowMatrixRef<compute_type_t<Scalar>> grad(result.grad);
+  result.loss =
+      loss.forward_backward_impl(function, x, grad, options.mask, compute_type_t<Scalar>(1));
   result.terms = loss.terms();
   result.stats = loss.stats();
   return result;

@@ -134,9 +134,13 @@ inline double cv2_and_gradient(const Eigen::VectorXd& v, Cv2Variance variance, d
 template <class Scalar>
 class Cv2ImportanceLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::Cv2ImportanceLoss<Scalar>: Scalar must be float or double");
+                "moebal::Cv2ImportanceLoss<Scalar>: Scalar must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
 
  public:
+  /// The compute type: float for bfloat16/half logits, Scalar otherwise.
+  using Compute = compute_type_t<Scalar>;
+
   /// @param num_experts N >= 1 (>= 2 for the unbiased variance). @param k experts per token,
   ///   1 <= k <= N (used by the top-k gates only). @param options gates, variance, score,
   ///   coefficient; the mask is given to `forward`.
@@ -154,7 +158,7 @@ class Cv2ImportanceLoss {
   /// Reads T x N logits, returns L. @throws moebal::invalid_argument for bad shapes, masks or
   /// values (as `switch_aux_loss`).
   template <class Derived>
-  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+  Compute forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::Cv2ImportanceLoss<Scalar> takes logits of the same Scalar");
     return forward_impl("moebal::Cv2ImportanceLoss::forward", detail::RowInput<Scalar>(logits),
@@ -162,69 +166,70 @@ class Cv2ImportanceLoss {
   }
 
   /// dloss_dlogits = scale * d L / d logits for the logits of the last forward.
-  template <class Derived>
-  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
-                Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                Compute scale = Compute(1)) {
     backward_impl<false>("moebal::Cv2ImportanceLoss::backward", detail::RowInput<Scalar>(logits),
-                         dloss_dlogits, scale);
+                         detail::output_ref<Scalar>(dloss_dlogits), scale);
   }
 
   /// dloss_dlogits += scale * d L / d logits.
-  template <class Derived>
-  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
-                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           Compute scale = Compute(1)) {
     backward_impl<true>("moebal::Cv2ImportanceLoss::backward_accumulate",
-                        detail::RowInput<Scalar>(logits), dloss_dlogits, scale);
+                        detail::RowInput<Scalar>(logits), detail::output_ref<Scalar>(dloss_dlogits),
+                        scale);
   }
 
-  Scalar loss() const noexcept { return static_cast<Scalar>(loss_); }
+  Compute loss() const noexcept { return static_cast<Compute>(loss_); }
   /// I_i of the last forward.
   const Eigen::VectorXd& importance() const noexcept { return importance_; }
   std::int64_t tokens() const noexcept { return tokens_; }
 
   // Internal: the one-line form names itself in error messages.
-  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                      const TokenMask& mask) {
+  Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                       const TokenMask& mask) {
     detail::check_logits_columns(function, x.rows(), x.cols(), rows_.num_experts());
     detail::check_mask(function, mask, x.rows());
     importance_.setZero();
     tokens_ = 0;
     const Index n = rows_.num_experts(), k = rows_.k();
     const bool topk = options_.gates == ImportanceGates::topk;
-    rows_.forward(function, x, mask, [&](Index, const Scalar* q, const Index* selected) {
+    rows_.forward(function, x, mask, [&](Index, const Compute* q, const Index* selected) {
       ++tokens_;
       if (!topk) {
         for (Index j = 0; j < n; ++j) importance_[j] += double(q[j]);
         return;
       }
-      Scalar s = Scalar(0);
+      Compute s = Compute(0);
       for (Index i = 0; i < k; ++i) s += q[selected[i]];
       for (Index i = 0; i < k; ++i) importance_[selected[i]] += double(q[selected[i]] / s);
     });
     loss_ = detail::cv2_and_gradient(importance_, options_.variance, options_.coefficient, h_);
-    h_compute_ = h_.array().template cast<Scalar>();
+    h_compute_ = h_.array().template cast<Compute>();
     return loss();
   }
 
  private:
-  template <bool Accumulate>
-  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                     RowMatrixRef<Scalar>& out, Scalar scale) {
+  template <bool Accumulate, class Out>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out> out,
+                     Compute scale) {
     rows_.check_backward(function, x, out, double(scale));
     const Index n = rows_.num_experts(), k = rows_.k();
     const bool topk = options_.gates == ImportanceGates::topk;
-    const Scalar* h = h_compute_.data();
+    const Compute* h = h_compute_.data();
     rows_.template backward<Accumulate>(
-        function, x, out, scale, [&](Index, const Scalar* q, const Index* selected, Scalar* g) {
+        function, x, out, scale, [&](Index, const Compute* q, const Index* selected, Compute* g) {
           if (!topk) {
             for (Index j = 0; j < n; ++j) g[j] = h[j];
             return;
           }
           // g_i = q_i / s on the top-k: d L / d q_j = (h_j - sum_i h_i g_i) / s there.
-          std::fill(g, g + n, Scalar(0));
-          Scalar s = Scalar(0);
+          std::fill(g, g + n, Compute(0));
+          Compute s = Compute(0);
           for (Index i = 0; i < k; ++i) s += q[selected[i]];
-          Scalar hg = Scalar(0);
+          Compute hg = Compute(0);
           for (Index i = 0; i < k; ++i) hg += h[selected[i]] * (q[selected[i]] / s);
           for (Index i = 0; i < k; ++i) g[selected[i]] = (h[selected[i]] - hg) / s;
         });
@@ -233,30 +238,32 @@ class Cv2ImportanceLoss {
   Cv2Options options_;
   detail::ScoredRows<Scalar> rows_;
   Eigen::VectorXd importance_, h_;
-  detail::ScratchArray<Scalar> h_compute_;
+  detail::ScratchArray<Compute> h_compute_;
   double loss_ = 0.0;
   std::int64_t tokens_ = 0;
 };
 
 /// Importance CV^2 and its gradient in one call (see the file comment for the formulas).
-/// @param logits T x N, float or double, any Eigen dense expression.
+/// @param logits T x N, float, double, Eigen::bfloat16 or Eigen::half (computed in float), any
+/// Eigen dense expression.
 /// @param k experts per token, 1 <= k <= N (matters for `ImportanceGates::topk` only).
 /// @param options gates, variance, score function, coefficient, mask.
 /// @return loss, grad (T x N row-major), importance I (length N), tokens.
 /// @throws moebal::invalid_argument for T = 0 or N = 0, k out of range, N < 2 with the unbiased
 ///   variance, a non-finite coefficient, bad masks or NaN/+Inf logits.
 template <class Derived>
-Cv2ImportanceResult<typename Derived::Scalar> cv2_importance_loss(
+Cv2ImportanceResult<compute_type_t<typename Derived::Scalar>> cv2_importance_loss(
     const Eigen::MatrixBase<Derived>& logits, Index k, const Cv2Options& options = {}) {
   using Scalar = typename Derived::Scalar;
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::cv2_importance_loss: logits must be float or double");
+                "moebal::cv2_importance_loss: logits must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
   constexpr const char* function = "moebal::cv2_importance_loss";
   const detail::RowInput<Scalar> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
   detail::check_cv2_options(function, x.cols(), k, options);
   Cv2ImportanceLoss<Scalar> loss(x.cols(), k, options);
-  Cv2ImportanceResult<Scalar> result;
+  Cv2ImportanceResult<compute_type_t<Scalar>> result;
   result.loss = loss.forward_impl(function, x, options.mask);
   result.grad.resize(x.rows(), x.cols());
   loss.backward(x, result.grad);
@@ -273,10 +280,12 @@ Cv2ImportanceResult<typename Derived::Scalar> cv2_importance_loss(
 /// @return loss (0 when T = 0), zero grad, counts c (sum = T k), tokens.
 /// @throws moebal::invalid_argument as `cv2_importance_loss`.
 template <class Derived>
-Cv2LoadResult<typename Derived::Scalar> cv2_load(const Eigen::MatrixBase<Derived>& logits, Index k,
-                                                 const Cv2Options& options = {}) {
+Cv2LoadResult<compute_type_t<typename Derived::Scalar>> cv2_load(
+    const Eigen::MatrixBase<Derived>& logits, Index k, const Cv2Options& options = {}) {
   using Scalar = typename Derived::Scalar;
-  static_assert(detail::is_supported_scalar_v<Scalar>, "moebal::cv2_load: logits must be float or double");
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::cv2_load: logits must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
   constexpr const char* function = "moebal::cv2_load";
   const detail::RowInput<Scalar> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
@@ -286,7 +295,7 @@ Cv2LoadResult<typename Derived::Scalar> cv2_load(const Eigen::MatrixBase<Derived
   detail::check_mask(function, options.mask, x.rows());
   detail::ScoredRows<Scalar> rows;
   rows.reset(x.cols(), k, options.score);
-  Cv2LoadResult<Scalar> result;
+  Cv2LoadResult<compute_type_t<Scalar>> result;
   result.counts = CountVector::Zero(x.cols());
   rows.forward(function, x, options.mask, [&](Index, const Scalar*, const Index* selected) {
     ++result.tokens;

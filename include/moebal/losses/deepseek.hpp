@@ -96,9 +96,13 @@ inline void check_device_options(const char* function, Index num_experts, Index 
 template <class Scalar>
 class DeviceBalanceLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::DeviceBalanceLoss<Scalar>: Scalar must be float or double");
+                "moebal::DeviceBalanceLoss<Scalar>: Scalar must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
 
  public:
+  /// The compute type: float for bfloat16/half logits, Scalar otherwise.
+  using Compute = compute_type_t<Scalar>;
+
   /// @throws moebal::invalid_argument for N < 1, k out of range, D not dividing N, M outside
   ///   [1, D] (communication), a non-finite coefficient.
   DeviceBalanceLoss(Index num_experts, Index k, DeviceBalanceKind kind,
@@ -119,7 +123,7 @@ class DeviceBalanceLoss {
 
   /// Reads T x N logits and returns L.
   template <class Derived>
-  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+  Compute forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::DeviceBalanceLoss<Scalar> takes logits of the same Scalar");
     return forward_impl("moebal::DeviceBalanceLoss::forward", detail::RowInput<Scalar>(logits),
@@ -127,22 +131,23 @@ class DeviceBalanceLoss {
   }
 
   /// dloss_dlogits = scale * d L / d logits for the logits of the last forward.
-  template <class Derived>
-  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
-                Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                Compute scale = Compute(1)) {
     backward_impl<false>("moebal::DeviceBalanceLoss::backward", detail::RowInput<Scalar>(logits),
-                         dloss_dlogits, scale);
+                         detail::output_ref<Scalar>(dloss_dlogits), scale);
   }
 
   /// dloss_dlogits += scale * d L / d logits.
-  template <class Derived>
-  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
-                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           Compute scale = Compute(1)) {
     backward_impl<true>("moebal::DeviceBalanceLoss::backward_accumulate",
-                        detail::RowInput<Scalar>(logits), dloss_dlogits, scale);
+                        detail::RowInput<Scalar>(logits), detail::output_ref<Scalar>(dloss_dlogits),
+                        scale);
   }
 
-  Scalar loss() const noexcept { return static_cast<Scalar>(loss_); }
+  Compute loss() const noexcept { return static_cast<Compute>(loss_); }
   /// f'_d or f''_d of the last forward.
   const Eigen::VectorXd& f() const noexcept { return f_; }
   /// P'_d of the last forward.
@@ -150,8 +155,8 @@ class DeviceBalanceLoss {
   std::int64_t tokens() const noexcept { return static_cast<std::int64_t>(tokens_); }
 
   // Internal: the one-line forms name themselves in error messages.
-  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                      const TokenMask& mask) {
+  Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                       const TokenMask& mask) {
     const Index n = rows_.num_experts(), k = rows_.k(), devices = options_.devices;
     detail::check_logits_columns(function, x.rows(), x.cols(), n);
     detail::check_mask(function, mask, x.rows());
@@ -159,7 +164,7 @@ class DeviceBalanceLoss {
     reached_.setZero();
     sums_.setZero();
     tokens_ = 0;
-    rows_.forward(function, x, mask, [&](Index, const Scalar* q, const Index* selected) {
+    rows_.forward(function, x, mask, [&](Index, const Compute* q, const Index* selected) {
       tokens_ += 1.0;
       std::fill(touched_.begin(), touched_.end(), char(0));
       for (Index i = 0; i < k; ++i) {
@@ -193,15 +198,16 @@ class DeviceBalanceLoss {
   }
 
  private:
-  template <bool Accumulate>
-  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                     RowMatrixRef<Scalar>& out, Scalar scale) {
+  template <bool Accumulate, class Out>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out> out,
+                     Compute scale) {
     rows_.check_backward(function, x, out, double(scale));
     const Index n = rows_.num_experts();
-    rows_.template backward<Accumulate>(
-        function, x, out, scale, [&](Index, const Scalar*, const Index*, Scalar* g) {
-          for (Index j = 0; j < n; ++j) g[j] = static_cast<Scalar>(g_device_[j / group_]);
-        });
+    rows_.template backward<Accumulate>(function, x, out, scale,
+                                        [&](Index, const Compute*, const Index*, Compute* g) {
+                                          for (Index j = 0; j < n; ++j)
+                                            g[j] = static_cast<Compute>(g_device_[j / group_]);
+                                        });
   }
 
   DeviceBalanceKind kind_;
@@ -217,18 +223,18 @@ class DeviceBalanceLoss {
 namespace detail {
 
 template <class Derived>
-DeviceBalanceResult<typename Derived::Scalar> device_term(const char* function,
-                                                          const Eigen::MatrixBase<Derived>& logits,
-                                                          Index k,
-                                                          const DeviceBalanceOptions& options,
-                                                          DeviceBalanceKind kind) {
+DeviceBalanceResult<compute_type_t<typename Derived::Scalar>> device_term(
+    const char* function, const Eigen::MatrixBase<Derived>& logits, Index k,
+    const DeviceBalanceOptions& options, DeviceBalanceKind kind) {
   using Scalar = typename Derived::Scalar;
-  static_assert(is_supported_scalar_v<Scalar>, "moebal: logits must be float or double");
+  static_assert(is_supported_scalar_v<Scalar>,
+                "moebal: logits must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
   const RowInput<Scalar> x(logits);
   check_logits_shape(function, x.rows(), x.cols());
   check_device_options(function, x.cols(), k, options, kind);
   DeviceBalanceLoss<Scalar> loss(x.cols(), k, kind, options);
-  DeviceBalanceResult<Scalar> result;
+  DeviceBalanceResult<compute_type_t<Scalar>> result;
   result.loss = loss.forward_impl(function, x, options.mask);
   result.grad.resize(x.rows(), x.cols());
   loss.backward(x, result.grad);
@@ -245,7 +251,7 @@ DeviceBalanceResult<typename Derived::Scalar> device_term(const char* function,
 ///   function, coefficient, mask. @return loss, grad, f'_d, P'_d, tokens.
 /// @throws moebal::invalid_argument for D not dividing N, and as `switch_aux_loss`.
 template <class Derived>
-DeviceBalanceResult<typename Derived::Scalar> device_balance_loss(
+DeviceBalanceResult<compute_type_t<typename Derived::Scalar>> device_balance_loss(
     const Eigen::MatrixBase<Derived>& logits, Index k, const DeviceBalanceOptions& options) {
   return detail::device_term("moebal::device_balance_loss", logits, k, options,
                              DeviceBalanceKind::device);
@@ -256,7 +262,7 @@ DeviceBalanceResult<typename Derived::Scalar> device_balance_loss(
 /// @throws moebal::invalid_argument for D not dividing N, M outside [1, D], and as
 ///   `switch_aux_loss`.
 template <class Derived>
-DeviceBalanceResult<typename Derived::Scalar> communication_balance_loss(
+DeviceBalanceResult<compute_type_t<typename Derived::Scalar>> communication_balance_loss(
     const Eigen::MatrixBase<Derived>& logits, Index k, const DeviceBalanceOptions& options) {
   return detail::device_term("moebal::communication_balance_loss", logits, k, options,
                              DeviceBalanceKind::communication);

@@ -160,9 +160,13 @@ void checked_all_reduce(const char* function, Sync& sync, Index num_experts, Ind
 template <class Scalar>
 class GlobalBatchBalance {
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::GlobalBatchBalance<Scalar>: Scalar must be float or double");
+                "moebal::GlobalBatchBalance<Scalar>: Scalar must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
 
  public:
+  /// The compute type: float for bfloat16/half logits, Scalar otherwise.
+  using Compute = compute_type_t<Scalar>;
+
   /// @throws moebal::invalid_argument for N < 1, k out of range, invalid options.
   GlobalBatchBalance(Index num_experts, Index k, const GlobalBatchOptions& options = {})
       : options_(options) {
@@ -240,7 +244,7 @@ class GlobalBatchBalance {
   /// `backward` needs. @throws moebal::invalid_argument before `synchronize`, and for invalid
   /// input as `switch_aux_loss`.
   template <class Derived>
-  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+  Compute forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::GlobalBatchBalance<Scalar> takes logits of the same Scalar");
     return forward_impl("moebal::GlobalBatchBalance::forward", detail::RowInput<Scalar>(logits),
@@ -248,35 +252,40 @@ class GlobalBatchBalance {
   }
 
   /// dloss_dlogits = scale * d L_j / d logits for the logits of the last forward.
-  template <class Derived>
-  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
-                Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                Compute scale = Compute(1)) {
     backward_impl<false>("moebal::GlobalBatchBalance::backward", detail::RowInput<Scalar>(logits),
-                         dloss_dlogits, scale, false);
+                         detail::output_ref<Scalar>(dloss_dlogits), scale, false);
   }
 
   /// dloss_dlogits += scale * d L_j / d logits.
-  template <class Derived>
-  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
-                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           Compute scale = Compute(1)) {
     backward_impl<true>("moebal::GlobalBatchBalance::backward_accumulate",
-                        detail::RowInput<Scalar>(logits), dloss_dlogits, scale, false);
+                        detail::RowInput<Scalar>(logits), detail::output_ref<Scalar>(dloss_dlogits),
+                        scale, false);
   }
 
   /// forward and backward in two passes (the output buffer carries the scores between them).
-  template <class Derived>
-  Scalar forward_backward(const Eigen::MatrixBase<Derived>& logits,
-                          RowMatrixRef<Scalar> dloss_dlogits, const TokenMask& mask = {},
-                          Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  Compute forward_backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           const TokenMask& mask = {}, Compute scale = Compute(1)) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::GlobalBatchBalance<Scalar> takes logits of the same Scalar");
     constexpr const char* function = "moebal::GlobalBatchBalance::forward_backward";
     const detail::RowInput<Scalar> x(logits);
     detail::check_finite_parameter(function, "scale", double(scale));
-    detail::check_output_shape(function, "dloss_dlogits", dloss_dlogits.rows(),
-                               dloss_dlogits.cols(), x.rows(), x.cols());
-    const Scalar value = forward_impl(function, x, mask, &dloss_dlogits);
-    backward_impl<false>(function, x, dloss_dlogits, scale, true);
+    auto out = detail::output_ref<Scalar>(dloss_dlogits);
+    detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(),
+                               x.cols());
+    // A buffer of the compute type carries the scores between the passes.
+    constexpr bool fused = std::is_same_v<detail::output_scalar_t<Out>, Compute>;
+    RowMatrixRef<Compute>* raw_out = nullptr;
+    if constexpr (fused) raw_out = &out;
+    const Compute value = forward_impl(function, x, mask, raw_out);
+    backward_impl<false>(function, x, out, scale, fused);
     return value;
   }
 
@@ -308,11 +317,11 @@ class GlobalBatchBalance {
   // *sums (if given).
   void accumulate(const char* function, const detail::RowInput<Scalar>& x, const TokenMask& mask,
                   Eigen::VectorXd& c, Eigen::VectorXd& c1, double* tokens, Eigen::VectorXd* sums,
-                  RowMatrixRef<Scalar>* raw_out = nullptr) {
+                  RowMatrixRef<Compute>* raw_out = nullptr) {
     const Index n = rows_.num_experts(), k = rows_.k();
     rows_.forward(
         function, x, mask,
-        [&](Index, const Scalar* q, const Index* selected) {
+        [&](Index, const Compute* q, const Index* selected) {
           *tokens += 1.0;
           detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k, c.data(),
                                 c1.data());
@@ -324,8 +333,8 @@ class GlobalBatchBalance {
         raw_out);
   }
 
-  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                      const TokenMask& mask, RowMatrixRef<Scalar>* raw_out) {
+  Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                       const TokenMask& mask, RowMatrixRef<Compute>* raw_out) {
     if (!synchronized_) {
       detail::throw_invalid(function, "this",
                             "synchronize() after counting every micro-batch of the step",
@@ -358,14 +367,14 @@ class GlobalBatchBalance {
       value += w * f_local_.dot(sums_);
       g_ += w * f_local_;
     }
-    g_compute_ = g_.array().template cast<Scalar>();
+    g_compute_ = g_.array().template cast<Compute>();
     value_ = value;
-    return static_cast<Scalar>(value);
+    return static_cast<Compute>(value);
   }
 
-  template <bool Accumulate>
-  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                     RowMatrixRef<Scalar>& out, Scalar scale, bool raw_in_out) {
+  template <bool Accumulate, class Out>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out> out,
+                     Compute scale, bool raw_in_out) {
     rows_.template backward_constant<Accumulate>(function, x, out, scale, g_compute_.data(),
                                                  raw_in_out);
   }
@@ -375,7 +384,7 @@ class GlobalBatchBalance {
   std::vector<double> payload_;
   Eigen::VectorXd local_, local_first_, sums_, micro_counts_, micro_first_;
   Eigen::VectorXd global_counts_, f_global_, f_local_, g_;
-  detail::ScratchArray<Scalar> g_compute_;
+  detail::ScratchArray<Compute> g_compute_;
   double tokens_ = 0.0, micro_batches_ = 0.0;
   double global_tokens_ = 0.0, global_micro_batches_ = 0.0;
   double value_ = 0.0;
@@ -391,9 +400,13 @@ class GlobalBatchBalance {
 template <class Scalar>
 class RunningGlobalBalance {
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::RunningGlobalBalance<Scalar>: Scalar must be float or double");
+                "moebal::RunningGlobalBalance<Scalar>: Scalar must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
 
  public:
+  /// The compute type: float for bfloat16/half logits, Scalar otherwise.
+  using Compute = compute_type_t<Scalar>;
+
   /// @throws moebal::invalid_argument for N < 1, k out of range, invalid options.
   RunningGlobalBalance(Index num_experts, Index k, const GlobalBatchOptions& options = {})
       : options_(options) {
@@ -418,8 +431,8 @@ class RunningGlobalBalance {
   /// @throws moebal::invalid_argument on every rank if the ranks disagree on N or k or any
   ///   rank's micro-batch is invalid.
   template <class Derived, class Sync>
-  Scalar forward(const Eigen::MatrixBase<Derived>& logits, Sync&& sync,
-                 const TokenMask& mask = {}) {
+  Compute forward(const Eigen::MatrixBase<Derived>& logits, Sync&& sync,
+                  const TokenMask& mask = {}) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::RunningGlobalBalance<Scalar> takes logits of the same Scalar");
     return forward_impl("moebal::RunningGlobalBalance::forward", detail::RowInput<Scalar>(logits),
@@ -427,36 +440,41 @@ class RunningGlobalBalance {
   }
 
   /// dloss_dlogits = scale * d L_j / d logits for the logits of the last forward.
-  template <class Derived>
-  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
-                Scalar scale = Scalar(1)) {
-    backward_impl<false>("moebal::RunningGlobalBalance::backward",
-                         detail::RowInput<Scalar>(logits), dloss_dlogits, scale, false);
+  template <class Derived, class Out>
+  void backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                Compute scale = Compute(1)) {
+    backward_impl<false>("moebal::RunningGlobalBalance::backward", detail::RowInput<Scalar>(logits),
+                         detail::output_ref<Scalar>(dloss_dlogits), scale, false);
   }
 
   /// dloss_dlogits += scale * d L_j / d logits.
-  template <class Derived>
-  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
-                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           Compute scale = Compute(1)) {
     backward_impl<true>("moebal::RunningGlobalBalance::backward_accumulate",
-                        detail::RowInput<Scalar>(logits), dloss_dlogits, scale, false);
+                        detail::RowInput<Scalar>(logits), detail::output_ref<Scalar>(dloss_dlogits),
+                        scale, false);
   }
 
   /// forward and backward in two passes.
-  template <class Derived, class Sync>
-  Scalar forward_backward(const Eigen::MatrixBase<Derived>& logits,
-                          RowMatrixRef<Scalar> dloss_dlogits, Sync&& sync,
-                          const TokenMask& mask = {}, Scalar scale = Scalar(1)) {
+  template <class Derived, class Out, class Sync>
+  Compute forward_backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           Sync&& sync, const TokenMask& mask = {}, Compute scale = Compute(1)) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::RunningGlobalBalance<Scalar> takes logits of the same Scalar");
     constexpr const char* function = "moebal::RunningGlobalBalance::forward_backward";
     const detail::RowInput<Scalar> x(logits);
     detail::check_finite_parameter(function, "scale", double(scale));
-    const bool shape_ok = dloss_dlogits.rows() == x.rows() && dloss_dlogits.cols() == x.cols();
-    const Scalar value = forward_impl(function, x, sync, mask, shape_ok ? &dloss_dlogits : nullptr);
-    detail::check_output_shape(function, "dloss_dlogits", dloss_dlogits.rows(),
-                               dloss_dlogits.cols(), x.rows(), x.cols());
-    backward_impl<false>(function, x, dloss_dlogits, scale, true);
+    auto out = detail::output_ref<Scalar>(dloss_dlogits);
+    const bool shape_ok = out.rows() == x.rows() && out.cols() == x.cols();
+    // A buffer of the compute type carries the scores between the passes.
+    constexpr bool fused = std::is_same_v<detail::output_scalar_t<Out>, Compute>;
+    RowMatrixRef<Compute>* raw_out = nullptr;
+    if constexpr (fused) raw_out = shape_ok ? &out : nullptr;
+    const Compute value = forward_impl(function, x, sync, mask, raw_out);
+    detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(),
+                               x.cols());
+    backward_impl<false>(function, x, out, scale, fused);
     return value;
   }
 
@@ -476,8 +494,8 @@ class RunningGlobalBalance {
 
  private:
   template <class Sync>
-  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x, Sync& sync,
-                      const TokenMask& mask, RowMatrixRef<Scalar>* raw_out) {
+  Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x, Sync& sync,
+                       const TokenMask& mask, RowMatrixRef<Compute>* raw_out) {
     const Index n = rows_.num_experts(), k = rows_.k();
     counts_.setZero();
     first_.setZero();
@@ -489,7 +507,7 @@ class RunningGlobalBalance {
       detail::check_mask(function, mask, x.rows());
       rows_.forward(
           function, x, mask,
-          [&](Index, const Scalar* q, const Index* selected) {
+          [&](Index, const Compute* q, const Index* selected) {
             tokens += 1.0;
             detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k,
                                   counts_.data(), first_.data());
@@ -531,13 +549,13 @@ class RunningGlobalBalance {
       value += w * f_local_.dot(sums_);
       g_ += w * f_local_;
     }
-    g_compute_ = g_.array().template cast<Scalar>();
-    return static_cast<Scalar>(value);
+    g_compute_ = g_.array().template cast<Compute>();
+    return static_cast<Compute>(value);
   }
 
-  template <bool Accumulate>
-  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                     RowMatrixRef<Scalar>& out, Scalar scale, bool raw_in_out) {
+  template <bool Accumulate, class Out>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out> out,
+                     Compute scale, bool raw_in_out) {
     rows_.template backward_constant<Accumulate>(function, x, out, scale, g_compute_.data(),
                                                  raw_in_out);
   }
@@ -547,7 +565,7 @@ class RunningGlobalBalance {
   std::vector<double> payload_;
   Eigen::VectorXd running_, running_first_, mean_, mean_first_, counts_, first_, sums_, f_,
       f_local_, g_;
-  detail::ScratchArray<Scalar> g_compute_;
+  detail::ScratchArray<Compute> g_compute_;
   double global_tokens_ = 0.0;
   Index steps_ = 0;
 };

@@ -61,20 +61,22 @@ struct LayersResult {
 };
 
 /// The Switch loss over layers with the chosen aggregation, and each layer's gradient.
-/// @param layers one T x N logits matrix per layer (any Eigen dense type, float or double,
-///   all the same shape; row-major read in place).
+/// @param layers one T x N logits matrix per layer (any Eigen dense type of float, double,
+///   Eigen::bfloat16 or Eigen::half, all the same shape). The layers are stacked into one
+///   matrix for the pooled statistics (a copy of the input, in its own type).
 /// @param k experts per token. @param options convention, score, coefficient, mask (length T
 ///   for every layer, or n_layers T layer-major). @param aggregation sum, mean or pooled.
 /// @throws moebal::invalid_argument for no layer, layers of different shapes, and as
 ///   `switch_aux_loss`.
 template <class Matrix>
-LayersResult<typename Matrix::Scalar> switch_aux_loss_layers(const std::vector<Matrix>& layers,
-                                                             Index k,
-                                                             const SwitchOptions& options,
-                                                             LayerAggregation aggregation) {
+LayersResult<compute_type_t<typename Matrix::Scalar>> switch_aux_loss_layers(
+    const std::vector<Matrix>& layers, Index k, const SwitchOptions& options,
+    LayerAggregation aggregation) {
   using Scalar = typename Matrix::Scalar;
+  using Compute = compute_type_t<Scalar>;
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::switch_aux_loss_layers: logits must be float or double");
+                "moebal::switch_aux_loss_layers: logits must be float, double, Eigen::bfloat16 "
+                "or Eigen::half");
   constexpr const char* function = "moebal::switch_aux_loss_layers";
   if (layers.empty()) {
     detail::throw_invalid(function, "layers", "at least one layer", "an empty list");
@@ -107,7 +109,7 @@ LayersResult<typename Matrix::Scalar> switch_aux_loss_layers(const std::vector<M
                           detail::concat("length ", options.mask.size()));
   }
   detail::check_mask(function, options.mask, per_layer_mask ? rows * count : rows);
-  LayersResult<Scalar> result;
+  LayersResult<Compute> result;
   result.layer_losses.assign(layers.size(), 0.0);
   SwitchOptions loss_options = options;
   loss_options.mask = TokenMask{};
@@ -126,8 +128,8 @@ LayersResult<typename Matrix::Scalar> switch_aux_loss_layers(const std::vector<M
   }
   const TokenMask stacked_mask = options.mask.empty() ? TokenMask{} : TokenMask(repeated);
   SwitchAuxLoss<Scalar> pooled(cols, k, loss_options);
-  RowMatrix<Scalar> stacked_grad(rows * count, cols);
-  const Scalar pooled_value = pooled.forward_backward(stacked, stacked_grad, stacked_mask);
+  RowMatrix<Compute> stacked_grad(rows * count, cols);
+  const Compute pooled_value = pooled.forward_backward(stacked, stacked_grad, stacked_mask);
   result.stats = pooled.stats();
   result.grads.resize(layers.size());
 
@@ -140,8 +142,8 @@ LayersResult<typename Matrix::Scalar> switch_aux_loss_layers(const std::vector<M
     }
     // Each layer's share of the pooled value: a N sum_i f_i S_i^l / T_total.
     if (tokens > 0) {
-      const RowMatrix<Scalar> q = detail::scores_impl<Scalar>(
-          function, detail::RowInput<Scalar>(stacked), options.score);
+      const RowMatrix<Compute> q =
+          detail::scores_impl<Scalar>(function, detail::RowInput<Scalar>(stacked), options.score);
       for (Index l = 0; l < count; ++l) {
         Eigen::VectorXd s = Eigen::VectorXd::Zero(cols);
         for (Index t = 0; t < rows; ++t) {
@@ -158,16 +160,16 @@ LayersResult<typename Matrix::Scalar> switch_aux_loss_layers(const std::vector<M
   SwitchAuxLoss<Scalar> single(cols, k, loss_options);
   double total = 0.0;
   for (Index l = 0; l < count; ++l) {
-    RowMatrix<Scalar>& grad = result.grads[std::size_t(l)];
+    RowMatrix<Compute>& grad = result.grads[std::size_t(l)];
     grad.resize(rows, cols);
     const TokenMask layer_mask =
         options.mask.empty() ? TokenMask{} : TokenMask(repeated.data() + l * rows, rows);
-    const Scalar value =
-        single.forward_backward(layers[std::size_t(l)], grad, layer_mask, Scalar(weight));
+    const Compute value =
+        single.forward_backward(layers[std::size_t(l)], grad, layer_mask, Compute(weight));
     result.layer_losses[std::size_t(l)] = double(value);
     total += double(value);
   }
-  result.loss = static_cast<Scalar>(total * weight);
+  result.loss = static_cast<Compute>(total * weight);
   return result;
 }
 

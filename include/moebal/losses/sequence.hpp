@@ -187,9 +187,13 @@ struct SequenceAuxResult {
 template <class Scalar>
 class SequenceAuxLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::SequenceAuxLoss<Scalar>: Scalar must be float or double");
+                "moebal::SequenceAuxLoss<Scalar>: Scalar must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
 
  public:
+  /// The compute type: float for bfloat16/half logits, Scalar otherwise.
+  using Compute = compute_type_t<Scalar>;
+
   /// @param num_experts N. @param k 1 <= k <= N. @param layout which rows form a sequence.
   /// @param options convention, score, coefficient, mask mode (the mask goes to `forward`).
   /// @throws moebal::invalid_argument for invalid N, k or options.
@@ -204,7 +208,7 @@ class SequenceAuxLoss {
   /// Reads T x N logits and returns L. @throws moebal::invalid_argument for a layout that does
   /// not fit T, and as `switch_aux_loss` for shapes, masks and values.
   template <class Derived>
-  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+  Compute forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::SequenceAuxLoss<Scalar> takes logits of the same Scalar");
     return forward_impl("moebal::SequenceAuxLoss::forward", detail::RowInput<Scalar>(logits),
@@ -212,22 +216,23 @@ class SequenceAuxLoss {
   }
 
   /// dloss_dlogits = scale * d L / d logits for the logits of the last forward.
-  template <class Derived>
-  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
-                Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                Compute scale = Compute(1)) {
     backward_impl<false>("moebal::SequenceAuxLoss::backward", detail::RowInput<Scalar>(logits),
-                         dloss_dlogits, scale);
+                         detail::output_ref<Scalar>(dloss_dlogits), scale);
   }
 
   /// dloss_dlogits += scale * d L / d logits.
-  template <class Derived>
-  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
-                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           Compute scale = Compute(1)) {
     backward_impl<true>("moebal::SequenceAuxLoss::backward_accumulate",
-                        detail::RowInput<Scalar>(logits), dloss_dlogits, scale);
+                        detail::RowInput<Scalar>(logits), detail::output_ref<Scalar>(dloss_dlogits),
+                        scale);
   }
 
-  Scalar loss() const noexcept { return static_cast<Scalar>(loss_); }
+  Compute loss() const noexcept { return static_cast<Compute>(loss_); }
   /// Each sequence's loss of the last forward.
   const Eigen::VectorXd& sequence_losses() const noexcept { return sequence_losses_; }
   /// Real tokens per sequence of the last forward.
@@ -236,8 +241,8 @@ class SequenceAuxLoss {
   const RowMatrix<double>& counts() const noexcept { return counts_; }
 
   // Internal: the one-line form names itself in error messages.
-  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                      const TokenMask& mask) {
+  Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                       const TokenMask& mask) {
     const Index n = rows_.num_experts(), k = rows_.k();
     detail::check_logits_columns(function, x.rows(), x.cols(), n);
     detail::check_mask(function, mask, x.rows());
@@ -248,7 +253,7 @@ class SequenceAuxLoss {
     first_.setZero(sequences, n);
     sums_.setZero(sequences, n);
     tokens_.setZero(sequences);
-    rows_.forward(function, x, mask, [&](Index t, const Scalar* q, const Index* selected) {
+    rows_.forward(function, x, mask, [&](Index t, const Compute* q, const Index* selected) {
       const Index s = sequence_of_[static_cast<std::size_t>(t)];
       tokens_[s] += 1.0;
       for (Index i = 0; i < k; ++i) counts_(s, selected[i]) += 1.0;
@@ -280,19 +285,19 @@ class SequenceAuxLoss {
   }
 
  private:
-  template <bool Accumulate>
-  void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                     RowMatrixRef<Scalar>& out, Scalar scale) {
+  template <bool Accumulate, class Out>
+  void backward_impl(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out> out,
+                     Compute scale) {
     rows_.check_backward(function, x, out, double(scale));
     const Index n = rows_.num_experts();
     const double a = options_.coefficient;
     rows_.template backward<Accumulate>(
-        function, x, out, scale, [&](Index t, const Scalar*, const Index*, Scalar* g) {
+        function, x, out, scale, [&](Index t, const Compute*, const Index*, Compute* g) {
           const Index s = sequence_of_[static_cast<std::size_t>(t)];
           const double d = denominators_[s];
           // d L / d q_tj = a N f_j^s / (B' T_s).
           const double factor = averaged_ > 0 && d > 0 ? a * double(n) / (averaged_ * d) : 0.0;
-          for (Index j = 0; j < n; ++j) g[j] = static_cast<Scalar>(factor * f_(s, j));
+          for (Index j = 0; j < n; ++j) g[j] = static_cast<Compute>(factor * f_(s, j));
         });
   }
 
@@ -307,25 +312,27 @@ class SequenceAuxLoss {
 };
 
 /// The sequence-level balance loss and its gradient in one call (see the file comment).
-/// @param logits T x N, float or double, any Eigen dense expression.
+/// @param logits T x N, float, double, Eigen::bfloat16 or Eigen::half (computed in float), any
+/// Eigen dense expression.
 /// @param k experts per token. @param layout batch-major, sequence-major or segments.
 /// @param options convention, score function, coefficient, mask and mask mode.
 /// @return loss, grad (T x N row-major), per-sequence losses, tokens and counts.
 /// @throws moebal::invalid_argument for a sequence length not dividing T, segment lengths not
 ///   summing to T, and as `switch_aux_loss`.
 template <class Derived>
-SequenceAuxResult<typename Derived::Scalar> sequence_aux_loss(
+SequenceAuxResult<compute_type_t<typename Derived::Scalar>> sequence_aux_loss(
     const Eigen::MatrixBase<Derived>& logits, Index k, const SequenceLayout& layout,
     const SequenceOptions& options = {}) {
   using Scalar = typename Derived::Scalar;
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::sequence_aux_loss: logits must be float or double");
+                "moebal::sequence_aux_loss: logits must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
   constexpr const char* function = "moebal::sequence_aux_loss";
   const detail::RowInput<Scalar> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
   detail::check_sequence_options(function, x.cols(), k, options);
   SequenceAuxLoss<Scalar> loss(x.cols(), k, layout, options);
-  SequenceAuxResult<Scalar> result;
+  SequenceAuxResult<compute_type_t<Scalar>> result;
   result.loss = loss.forward_impl(function, x, options.mask);
   result.grad.resize(x.rows(), x.cols());
   loss.backward(x, result.grad);

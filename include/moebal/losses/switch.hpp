@@ -180,9 +180,8 @@ inline constexpr Index kSwitchChunkRows = 512;
 }  // namespace detail
 
 template <class Derived>
-SwitchAuxResult<typename Derived::Scalar> switch_aux_loss(const Eigen::MatrixBase<Derived>& logits,
-                                                          Index k,
-                                                          const SwitchOptions& options = {});
+SwitchAuxResult<compute_type_t<typename Derived::Scalar>> switch_aux_loss(
+    const Eigen::MatrixBase<Derived>& logits, Index k, const SwitchOptions& options = {});
 
 /// The Switch load-balancing loss as a reusable object that allocates nothing in steady state
 /// (after the first call with the largest T). Two phases:
@@ -194,14 +193,20 @@ SwitchAuxResult<typename Derived::Scalar> switch_aux_loss(const Eigen::MatrixBas
 ///             them (the fastest form when the gradient is written, not accumulated).
 /// backward must be given the same logits as the last forward.
 ///
-/// @tparam Scalar float or double: the logits' and the gradient's type. Sums over tokens are
-/// accumulated in double for both.
+/// @tparam Scalar the logits' type: float, double, Eigen::bfloat16 or Eigen::half. Rows are
+///   computed in `Compute` (float for bfloat16/half, converted one row at a time: the logits
+///   are still read in place); sums over tokens accumulate in double. The gradient buffer may
+///   hold Scalar or Compute elements.
 template <class Scalar>
 class SwitchAuxLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::SwitchAuxLoss<Scalar>: Scalar must be float or double");
+                "moebal::SwitchAuxLoss<Scalar>: Scalar must be float, double, Eigen::bfloat16 "
+                "or Eigen::half");
 
  public:
+  /// The compute type: float for bfloat16/half logits, Scalar otherwise.
+  using Compute = compute_type_t<Scalar>;
+
   /// @param num_experts N >= 1. @param k 1 <= k <= N.
   /// @param options convention, score function and coefficient; `options.mask` must be empty
   ///   (pass the mask to `forward`, since it changes with every batch).
@@ -217,52 +222,58 @@ class SwitchAuxLoss {
   /// The options given at construction (the mask is always empty here).
   const SwitchOptions& options() const noexcept { return options_; }
 
-  /// Phase 1: reads T x N logits (any Eigen dense expression of Scalar; row-major storage read
+  /// Phase 1: reads T x N logits (any Eigen dense expression of Compute; row-major storage read
   /// in place, column-major converted once per call), fills `statistics()`, returns L.
   /// @param mask length T, nonzero = real token; empty = all real.
   /// @throws moebal::invalid_argument for T = 0, a column count other than N, a mask of the
   ///   wrong length or with NaN, NaN or +Inf in a real token's logits, or (softmax) a real
   ///   token whose logits are all -Inf.
   template <class Derived>
-  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+  Compute forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
     assert_scalar<Derived>();
     const detail::RowInput<Scalar> x(logits);
     return forward_impl("moebal::SwitchAuxLoss::forward", x, mask, nullptr);
   }
 
   /// Phase 2: dloss_dlogits = scale * d L / d logits, every element written.
-  /// @param logits the logits of the last `forward`. @param dloss_dlogits T x N row-major.
+  /// @param logits the logits of the last `forward`.
+  /// @param dloss_dlogits T x N row-major buffer of Scalar or Compute (a RowMatrix, a block of
+  ///   one, an Eigen::Map over a tensor's memory): bfloat16 logits can write a bfloat16 or a
+  ///   float (fp32 master) gradient.
   /// @throws moebal::invalid_argument if no forward was run, the shapes differ from forward's.
-  template <class Derived>
-  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
-                Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                Compute scale = Compute(1)) {
     assert_scalar<Derived>();
     const detail::RowInput<Scalar> x(logits);
-    backward_impl<false>("moebal::SwitchAuxLoss::backward", x, dloss_dlogits, scale);
+    auto out = detail::output_ref<Scalar>(dloss_dlogits);
+    backward_impl<false>("moebal::SwitchAuxLoss::backward", x, out, scale);
   }
 
   /// Phase 2, accumulating: dloss_dlogits += scale * d L / d logits (padded rows untouched).
-  template <class Derived>
-  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
-                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           Compute scale = Compute(1)) {
     assert_scalar<Derived>();
     const detail::RowInput<Scalar> x(logits);
-    backward_impl<true>("moebal::SwitchAuxLoss::backward_accumulate", x, dloss_dlogits, scale);
+    auto out = detail::output_ref<Scalar>(dloss_dlogits);
+    backward_impl<true>("moebal::SwitchAuxLoss::backward_accumulate", x, out, scale);
   }
 
-  /// Both phases: returns L and writes dloss_dlogits = scale * d L / d logits.
-  template <class Derived>
-  Scalar forward_backward(const Eigen::MatrixBase<Derived>& logits,
-                          RowMatrixRef<Scalar> dloss_dlogits, const TokenMask& mask = {},
-                          Scalar scale = Scalar(1)) {
+  /// Both phases: returns L and writes dloss_dlogits = scale * d L / d logits. With a Compute
+  /// buffer the scores travel between the passes in it (two passes over the logits, one over
+  /// the buffer); with a half-precision buffer the scores are recomputed from the logits.
+  template <class Derived, class Out>
+  Compute forward_backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           const TokenMask& mask = {}, Compute scale = Compute(1)) {
     assert_scalar<Derived>();
     const detail::RowInput<Scalar> x(logits);
-    return forward_backward_impl("moebal::SwitchAuxLoss::forward_backward", x, dloss_dlogits,
-                                 mask, scale);
+    auto out = detail::output_ref<Scalar>(dloss_dlogits);
+    return forward_backward_impl("moebal::SwitchAuxLoss::forward_backward", x, out, mask, scale);
   }
 
   /// L of the last forward.
-  Scalar loss() const noexcept { return static_cast<Scalar>(loss_); }
+  Compute loss() const noexcept { return static_cast<Compute>(loss_); }
 
   /// The batch sums of the last forward (T, c_i, first-choice counts, S_i).
   const RoutingStatistics& statistics() const noexcept { return statistics_; }
@@ -275,8 +286,8 @@ class SwitchAuxLoss {
 
  private:
   template <class D>
-  friend SwitchAuxResult<typename D::Scalar> switch_aux_loss(const Eigen::MatrixBase<D>&, Index,
-                                                            const SwitchOptions&);
+  friend SwitchAuxResult<compute_type_t<typename D::Scalar>> switch_aux_loss(
+      const Eigen::MatrixBase<D>&, Index, const SwitchOptions&);
 
   SwitchAuxLoss(const char* function, Index num_experts, Index k, const SwitchOptions& options)
       : num_experts_(num_experts), k_(k), options_(options) {
@@ -290,6 +301,7 @@ class SwitchAuxLoss {
     f_ = Eigen::VectorXd::Zero(num_experts);
     f_compute_.setZero(num_experts);
     raw_.resize(num_experts);
+    reader_.resize(num_experts);
     scores_.resize(num_experts);
     chunk_sums_.resize(num_experts);
     chunk_counts_.resize(num_experts);
@@ -302,21 +314,23 @@ class SwitchAuxLoss {
   static constexpr void assert_scalar() {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::SwitchAuxLoss<Scalar> takes logits of the same Scalar: construct "
-                  "SwitchAuxLoss<float> for float logits and SwitchAuxLoss<double> for double");
+                  "SwitchAuxLoss<float> for float logits, SwitchAuxLoss<double> for double, "
+                  "SwitchAuxLoss<Eigen::bfloat16> for bfloat16");
   }
 
   void check_logits(const char* function, const detail::RowInput<Scalar>& x) const {
     detail::check_logits_columns(function, x.rows(), x.cols(), num_experts_);
   }
 
-  void check_output(const char* function, const RowMatrixRef<Scalar>& out) const {
+  template <class Out>
+  void check_output(const char* function, const RowMatrixRef<Out>& out) const {
     detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), rows_,
                                num_experts_);
   }
 
   // Phase 1. When `raw_out` is given, each real row's raw scores are left in it for phase 2.
-  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                      const TokenMask& mask, RowMatrixRef<Scalar>* raw_out) {
+  Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                       const TokenMask& mask, RowMatrixRef<Compute>* raw_out) {
     rows_ = -1;  // no valid forward until this one completes
     check_logits(function, x);
     detail::check_mask(function, mask, x.rows());
@@ -333,31 +347,31 @@ class SwitchAuxLoss {
       chunk_counts_.setZero();
       chunk_first_.setZero();
       for (Index t = begin; t < end; ++t) {
-        detail::RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
+        detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
         if (!mask.is_real(t)) {
-          norm = detail::RowNorm<Scalar>{};  // inv == 0 marks padding; the row is never read
+          norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
           continue;
         }
-        const Scalar* row = x.data() + t * x.outerStride();
+        const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
         if (!detail::raw_scores(row, n, options_.score, raw_, norm)) {
           detail::throw_invalid_row(function, row, n, t, options_.score);
         }
         detail::scores_from_raw(raw_, norm, scores_);
-        Scalar tau = Scalar(0), top = Scalar(0);
-        const Scalar* q = scores_.data();
+        Compute tau = Compute(0), top = Compute(0);
+        const Compute* q = scores_.data();
         if (k_ <= detail::kThresholdTopkMaxK && detail::topk_threshold(q, n, k_, tau, top)) {
           // No tie around the top k: the selection is {j : q_j >= tau}, the first choice the
           // unique maximum. Counted with vector adds (exact: a chunk counts at most 512).
-          Scalar* cc = chunk_counts_.data();
-          Scalar* cf = chunk_first_.data();
+          Compute* cc = chunk_counts_.data();
+          Compute* cf = chunk_first_.data();
           for (Index j = 0; j < n; ++j) {
-            cc[j] += q[j] >= tau ? Scalar(1) : Scalar(0);
-            cf[j] += q[j] == top ? Scalar(1) : Scalar(0);
+            cc[j] += q[j] >= tau ? Compute(1) : Compute(0);
+            cf[j] += q[j] == top ? Compute(1) : Compute(0);
           }
         } else {
           detail::topk_row_exact(scores_.data(), n, k_, selected_.data(), topk_scratch_);
-          for (Index s = 0; s < k_; ++s) chunk_counts_[selected_[std::size_t(s)]] += Scalar(1);
-          chunk_first_[selected_[0]] += Scalar(1);
+          for (Index s = 0; s < k_; ++s) chunk_counts_[selected_[std::size_t(s)]] += Compute(1);
+          chunk_first_[selected_[0]] += Compute(1);
         }
         double* cs = chunk_sums_.data();
         for (Index j = 0; j < n; ++j) cs[j] += static_cast<double>(q[j]);
@@ -371,7 +385,7 @@ class SwitchAuxLoss {
     update_f();
     loss_ = tokens > 0 ? options_.coefficient * double(n) * f_.dot(sums) / tokens : 0.0;
     rows_ = rows;
-    return static_cast<Scalar>(loss_);
+    return static_cast<Compute>(loss_);
   }
 
   // f_i from the counts in the chosen convention (see SwitchConvention).
@@ -383,44 +397,49 @@ class SwitchAuxLoss {
       detail::load_fraction(options_.convention, statistics_.counts(),
                             statistics_.first_choice_counts(), tokens, k_, f_);
     }
-    f_compute_ = f_.array().template cast<Scalar>();
+    f_compute_ = f_.array().template cast<Compute>();
   }
 
   // Phase 2 over every row. `raw_in_out`: phase 1 left each real row's raw scores in the
   // output buffer (forward_backward); otherwise they are recomputed from the logits.
-  template <bool Accumulate>
-  void apply_rows(const char* function, const detail::RowInput<Scalar>& x,
-                  RowMatrixRef<Scalar>& out, Scalar scale, bool raw_in_out) {
+  template <bool Accumulate, class Out>
+  void apply_rows(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out>& out,
+                  Compute scale, bool raw_in_out) {
     const Index n = num_experts_;
     const double tokens = statistics_.tokens();
-    const Scalar factor =
-        tokens > 0 ? static_cast<Scalar>(double(scale) * options_.coefficient * double(n) / tokens)
-                   : Scalar(0);
+    const Compute factor =
+        tokens > 0 ? static_cast<Compute>(double(scale) * options_.coefficient * double(n) / tokens)
+                   : Compute(0);
     for (Index t = 0; t < rows_; ++t) {
-      const detail::RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
-      Scalar* dx = out.data() + t * out.outerStride();
-      if (norm.inv == Scalar(0)) {  // padded token
-        if constexpr (!Accumulate) std::fill(dx, dx + n, Scalar(0));
+      const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+      Out* dx = out.data() + t * out.outerStride();
+      if (norm.inv == Compute(0)) {  // padded token
+        if constexpr (!Accumulate) std::fill(dx, dx + n, Out(0));
         continue;
       }
-      const Scalar* raw = dx;
+      const Compute* raw = raw_.data();
+      if constexpr (std::is_same_v<Out, Compute>) {
+        if (raw_in_out) raw = dx;
+      } else {
+        MOEBAL_ASSERT(!raw_in_out);
+      }
       if (!raw_in_out) {
-        detail::RowNorm<Scalar> again;
-        const Scalar* row = x.data() + t * x.outerStride();
+        detail::RowNorm<Compute> again;
+        const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
         if (!detail::raw_scores(row, n, options_.score, raw_, again)) {
           detail::throw_invalid_row(function, row, n, t, options_.score);
         }
         raw = raw_.data();
       }
-      const Scalar g_dot_q = detail::dot_with_scores(f_compute_.data(), raw, norm, n);
+      const Compute g_dot_q = detail::dot_with_scores(f_compute_.data(), raw, norm, n);
       detail::score_vjp_row<Accumulate>(raw, norm, f_compute_.data(), g_dot_q, factor,
                                         options_.score, n, dx);
     }
   }
 
-  template <bool Accumulate>
+  template <bool Accumulate, class Out>
   void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                     RowMatrixRef<Scalar>& out, Scalar scale) {
+                     RowMatrixRef<Out>& out, Compute scale) {
     if (rows_ < 0) {
       detail::throw_invalid(function, "logits", "the logits of a completed forward",
                             "a call before any forward completed");
@@ -436,14 +455,21 @@ class SwitchAuxLoss {
     apply_rows<Accumulate>(function, x, out, scale, false);
   }
 
-  Scalar forward_backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                               RowMatrixRef<Scalar>& out, const TokenMask& mask, Scalar scale) {
+  template <class Out>
+  Compute forward_backward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                                RowMatrixRef<Out>& out, const TokenMask& mask, Compute scale) {
     detail::check_finite_parameter(function, "scale", double(scale));
     detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(),
                                x.cols());
-    const Scalar value = forward_impl(function, x, mask, &out);
-    apply_rows<false>(function, x, out, scale, true);
-    return value;
+    if constexpr (std::is_same_v<Out, Compute>) {
+      const Compute value = forward_impl(function, x, mask, &out);
+      apply_rows<false>(function, x, out, scale, true);
+      return value;
+    } else {
+      const Compute value = forward_impl(function, x, mask, nullptr);
+      apply_rows<false>(function, x, out, scale, false);
+      return value;
+    }
   }
 
   Index num_experts_;
@@ -451,15 +477,16 @@ class SwitchAuxLoss {
   SwitchOptions options_;
   RoutingStatistics statistics_;
   Eigen::VectorXd f_;                               // N, double
-  detail::ScratchArray<Scalar> f_compute_;          // N, f in the compute type
-  detail::ScratchArray<Scalar> raw_;                // N, one row's raw scores (aligned)
-  detail::ScratchArray<Scalar> scores_;             // N, one row's scores
+  detail::ScratchArray<Compute> f_compute_;         // N, f in the compute type
+  detail::ScratchArray<Compute> raw_;               // N, one row's raw scores (aligned)
+  detail::RowReader<Scalar, Compute> reader_;       // one row converted (half-precision input)
+  detail::ScratchArray<Compute> scores_;            // N, one row's scores
   Eigen::ArrayXd chunk_sums_;                       // N, one chunk's score sums
-  detail::ScratchArray<Scalar> chunk_counts_;       // N, one chunk's top-k counts
-  detail::ScratchArray<Scalar> chunk_first_;        // N, one chunk's first-choice counts
+  detail::ScratchArray<Compute> chunk_counts_;      // N, one chunk's top-k counts
+  detail::ScratchArray<Compute> chunk_first_;       // N, one chunk's first-choice counts
   std::vector<Index> selected_;                     // k
-  detail::TopkScratch<Scalar> topk_scratch_;
-  std::vector<detail::RowNorm<Scalar>> norms_;      // T, per token; inv == 0 marks padding
+  detail::TopkScratch<Compute> topk_scratch_;
+  std::vector<detail::RowNorm<Compute>> norms_;     // T, per token; inv == 0 marks padding
   Index rows_ = -1;                                 // T of the last completed forward
   double loss_ = 0.0;
 };
@@ -472,9 +499,11 @@ class SwitchAuxLoss {
 /// (f = c / T, k times Megatron), first choice (GShard/DeepSpeed/Tutel/fairseq, f from top-1).
 /// A batch whose mask has no real token gives L = 0, a zero gradient and zero f and P.
 ///
-/// @param logits T x N router logits (rows are tokens, columns experts), float or double, any
-///   Eigen dense expression. Row-major storage with contiguous rows (an `Eigen::Map` over a
-///   PyTorch tensor) is read in place; column-major input is converted once.
+/// @param logits T x N router logits (rows are tokens, columns experts), float, double,
+///   Eigen::bfloat16 or Eigen::half (half precision is computed and returned in float, as
+///   Megatron-core's `moe_router_dtype=fp32`), any Eigen dense expression. Row-major storage with
+///   contiguous rows (an `Eigen::Map` over a PyTorch tensor) is read in place; column-major input
+///   is converted once.
 /// @param k experts selected per token, 1 <= k <= N.
 /// @param options convention, score function, coefficient a (default 1) and padding mask.
 /// @return loss, grad (T x N row-major, zero rows for padding) and stats (counts, f, P).
@@ -482,22 +511,23 @@ class SwitchAuxLoss {
 ///   is not T (or with NaN), a non-finite coefficient, a NaN or +Inf logit in a real token's
 ///   row, or (softmax) a real token whose logits are all -Inf.
 template <class Derived>
-SwitchAuxResult<typename Derived::Scalar> switch_aux_loss(const Eigen::MatrixBase<Derived>& logits,
-                                                          Index k, const SwitchOptions& options) {
+SwitchAuxResult<compute_type_t<typename Derived::Scalar>> switch_aux_loss(
+    const Eigen::MatrixBase<Derived>& logits, Index k, const SwitchOptions& options) {
   using Scalar = typename Derived::Scalar;
+  using Compute = compute_type_t<Scalar>;
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::switch_aux_loss: logits must be float or double; cast other types "
-                "first, e.g. logits.template cast<float>()");
+                "moebal::switch_aux_loss: logits must be float, double, Eigen::bfloat16 or "
+                "Eigen::half; cast other types first, e.g. logits.template cast<float>()");
   constexpr const char* function = "moebal::switch_aux_loss";
   const detail::RowInput<Scalar> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
   SwitchOptions loss_options = options;
   loss_options.mask = TokenMask{};
   SwitchAuxLoss<Scalar> loss(function, x.cols(), k, loss_options);
-  SwitchAuxResult<Scalar> result;
+  SwitchAuxResult<Compute> result;
   result.grad.resize(x.rows(), x.cols());
-  RowMatrixRef<Scalar> grad(result.grad);
-  result.loss = loss.forward_backward_impl(function, x, grad, options.mask, Scalar(1));
+  RowMatrixRef<Compute> grad(result.grad);
+  result.loss = loss.forward_backward_impl(function, x, grad, options.mask, Compute(1));
   result.stats = loss.stats();
   return result;
 }
@@ -516,12 +546,14 @@ namespace moebal {
 /// @param counts length N, finite and >= 0. @throws moebal::invalid_argument for a wrong
 ///   length or an invalid count, and as `switch_aux_loss`.
 template <class Derived, class DerivedC>
-SwitchAuxResult<typename Derived::Scalar> switch_aux_loss_with_counts(
+SwitchAuxResult<compute_type_t<typename Derived::Scalar>> switch_aux_loss_with_counts(
     const Eigen::MatrixBase<Derived>& logits, const Eigen::MatrixBase<DerivedC>& counts, Index k,
     const SwitchOptions& options = {}) {
   using Scalar = typename Derived::Scalar;
+  using Compute = compute_type_t<Scalar>;
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::switch_aux_loss_with_counts: logits must be float or double");
+                "moebal::switch_aux_loss_with_counts: logits must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
   constexpr const char* function = "moebal::switch_aux_loss_with_counts";
   const detail::RowInput<Scalar> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
@@ -540,34 +572,38 @@ SwitchAuxResult<typename Derived::Scalar> switch_aux_loss_with_counts(
     }
   }
   // P: the scores summed over real tokens.
-  detail::ScratchArray<Scalar> raw(n);
-  detail::RowNorm<Scalar> norm;
+  detail::ScratchArray<Compute> raw(n);
+  detail::RowNorm<Compute> norm;
+  detail::RowReader<Scalar, Compute> reader;
+  reader.resize(n);
   Eigen::VectorXd sums = Eigen::VectorXd::Zero(n);
   double tokens = 0.0;
   for (Index t = 0; t < x.rows(); ++t) {
     if (!options.mask.is_real(t)) continue;
-    const Scalar* row = x.data() + t * x.outerStride();
+    const Compute* row = reader.read(x.data() + t * x.outerStride(), n);
     if (!detail::raw_scores(row, n, options.score, raw, norm)) {
       detail::throw_invalid_row(function, row, n, t, options.score);
     }
     for (Index j = 0; j < n; ++j) sums[j] += double(raw[j] * norm.inv);
     tokens += 1.0;
   }
-  SwitchAuxResult<Scalar> result;
+  SwitchAuxResult<Compute> result;
   Eigen::VectorXd f = Eigen::VectorXd::Zero(n);
   if (tokens > 0) detail::load_fraction(options.convention, c, c, tokens, k, f);
   const double value = tokens > 0 ? options.coefficient * double(n) * f.dot(sums) / tokens : 0.0;
-  result.loss = static_cast<Scalar>(value);
+  result.loss = static_cast<Compute>(value);
   // Gradient: d L / d q_tj = a N f_j / T through the score function.
-  RowMatrix<Scalar> g(x.rows(), n);
+  RowMatrix<Compute> g(x.rows(), n);
   for (Index t = 0; t < x.rows(); ++t) {
     if (tokens > 0 && options.mask.is_real(t)) {
-      g.row(t) = (options.coefficient * double(n) / tokens * f).transpose().template cast<Scalar>();
+      g.row(t) =
+          (options.coefficient * double(n) / tokens * f).transpose().template cast<Compute>();
     } else {
       g.row(t).setZero();
     }
   }
-  result.grad = detail::scores_backward_impl<Scalar>(function, x, detail::RowInput<Scalar>(g), options.score);
+  result.grad = detail::scores_backward_impl<Scalar>(function, x, detail::RowInput<Compute>(g),
+                                                     options.score);
   for (Index t = 0; t < x.rows(); ++t) if (!options.mask.is_real(t)) result.grad.row(t).setZero();
   result.stats.tokens = static_cast<std::int64_t>(tokens);
   result.stats.tokens_per_expert = c.template cast<std::int64_t>();

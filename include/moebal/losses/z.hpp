@@ -54,13 +54,19 @@ struct ZLossResult {
 /// The z-loss as a reusable object that allocates nothing in steady state: `forward` reads the
 /// logits once and keeps lse_t and the softmax normalizer per token; `backward` writes (or
 /// `backward_accumulate` adds) scale * d L / d logits into the caller's row-major buffer.
-/// @tparam Scalar float or double (sums over tokens accumulate in double).
+/// @tparam Scalar the logits' type: float, double, Eigen::bfloat16 or Eigen::half. Computation
+///   is in `Compute` (float for bfloat16/half); sums over tokens accumulate in double. The
+///   gradient buffer may hold Scalar or Compute elements.
 template <class Scalar>
 class ZLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::ZLoss<Scalar>: Scalar must be float or double");
+                "moebal::ZLoss<Scalar>: Scalar must be float, double, Eigen::bfloat16 or "
+                "Eigen::half");
 
  public:
+  /// The compute type: float for bfloat16/half logits, Scalar otherwise.
+  using Compute = compute_type_t<Scalar>;
+
   /// @param coefficient a, finite. @throws moebal::invalid_argument otherwise.
   explicit ZLoss(double coefficient = 1.0) : coefficient_(coefficient) {
     detail::check_finite_parameter("moebal::ZLoss", "coefficient", coefficient);
@@ -71,31 +77,33 @@ class ZLoss {
   /// @throws moebal::invalid_argument for T = 0 or N = 0, a mask of the wrong length or with
   ///   NaN, a NaN or +Inf logit in a real row, or a real row of all -Inf.
   template <class Derived>
-  Scalar forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
+  Compute forward(const Eigen::MatrixBase<Derived>& logits, const TokenMask& mask = {}) {
     assert_scalar<Derived>();
     return forward_impl("moebal::ZLoss::forward", detail::RowInput<Scalar>(logits), mask);
   }
 
   /// dloss_dlogits = scale * d L / d logits for the logits of the last forward.
-  template <class Derived>
-  void backward(const Eigen::MatrixBase<Derived>& logits, RowMatrixRef<Scalar> dloss_dlogits,
-                Scalar scale = Scalar(1)) {
+  /// @param dloss_dlogits T x N row-major buffer of Scalar or Compute (RowMatrix, block, Map).
+  template <class Derived, class Out>
+  void backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                Compute scale = Compute(1)) {
     assert_scalar<Derived>();
-    backward_impl<false>("moebal::ZLoss::backward", detail::RowInput<Scalar>(logits),
-                         dloss_dlogits, scale);
+    auto out = detail::output_ref<Scalar>(dloss_dlogits);
+    backward_impl<false>("moebal::ZLoss::backward", detail::RowInput<Scalar>(logits), out, scale);
   }
 
   /// dloss_dlogits += scale * d L / d logits (padded rows untouched).
-  template <class Derived>
-  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
-                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+  template <class Derived, class Out>
+  void backward_accumulate(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
+                           Compute scale = Compute(1)) {
     assert_scalar<Derived>();
-    backward_impl<true>("moebal::ZLoss::backward_accumulate", detail::RowInput<Scalar>(logits),
-                        dloss_dlogits, scale);
+    auto out = detail::output_ref<Scalar>(dloss_dlogits);
+    backward_impl<true>("moebal::ZLoss::backward_accumulate", detail::RowInput<Scalar>(logits), out,
+                        scale);
   }
 
   /// L of the last forward.
-  Scalar loss() const noexcept { return static_cast<Scalar>(coefficient_ * mean_squared_lse_); }
+  Compute loss() const noexcept { return static_cast<Compute>(coefficient_ * mean_squared_lse_); }
   /// (1/T) sum_t lse_t^2 of the last forward (no coefficient).
   double mean_squared_lse() const noexcept { return mean_squared_lse_; }
   /// T, real tokens of the last forward.
@@ -104,29 +112,30 @@ class ZLoss {
   double coefficient() const noexcept { return coefficient_; }
 
   // Internal: used by the one-line form to name itself in error messages.
-  Scalar forward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                      const TokenMask& mask) {
+  Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
+                       const TokenMask& mask) {
     rows_ = -1;
     detail::check_logits_shape(function, x.rows(), x.cols());
     detail::check_mask(function, mask, x.rows());
     const Index rows = x.rows(), n = x.cols();
     cols_ = n;
     raw_.resize(n);
+    reader_.resize(n);
     norms_.resize(static_cast<std::size_t>(rows));
     lse_.resize(static_cast<std::size_t>(rows));
     double sum = 0.0;
     std::int64_t tokens = 0;
     for (Index t = 0; t < rows; ++t) {
-      detail::RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
+      detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
       if (!mask.is_real(t)) {
-        norm = detail::RowNorm<Scalar>{};  // inv == 0 marks padding
+        norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding
         continue;
       }
-      const Scalar* row = x.data() + t * x.outerStride();
+      const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
       if (!detail::raw_scores(row, n, ScoreFunction::softmax, raw_, norm)) {
         detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
       }
-      const Scalar lse = norm.shift - std::log(norm.inv);
+      const Compute lse = norm.shift - std::log(norm.inv);
       lse_[static_cast<std::size_t>(t)] = lse;
       sum += double(lse) * double(lse);
       ++tokens;
@@ -137,17 +146,10 @@ class ZLoss {
     return loss();
   }
 
- private:
-  template <class Derived>
-  static constexpr void assert_scalar() {
-    static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
-                  "moebal::ZLoss<Scalar> takes logits of the same Scalar: use ZLoss<float> for "
-                  "float logits and ZLoss<double> for double");
-  }
-
-  template <bool Accumulate>
+  // Internal: phase 2 into a view of the caller's buffer (Out = Scalar or Compute).
+  template <bool Accumulate, class Out>
   void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                     RowMatrixRef<Scalar>& out, Scalar scale) {
+                     RowMatrixRef<Out>& out, Compute scale) {
     if (rows_ < 0) {
       detail::throw_invalid(function, "logits", "the logits of a completed forward",
                             "a call before any forward completed");
@@ -164,33 +166,36 @@ class ZLoss {
     // d L / d x_tj = a (2/T) lse_t p_tj.
     const double factor = tokens_ > 0 ? double(scale) * coefficient_ * 2.0 / double(tokens_) : 0.0;
     for (Index t = 0; t < rows_; ++t) {
-      const detail::RowNorm<Scalar>& norm = norms_[static_cast<std::size_t>(t)];
-      Scalar* dx = out.data() + t * out.outerStride();
-      if (norm.inv == Scalar(0)) {
-        if constexpr (!Accumulate) std::fill(dx, dx + n, Scalar(0));
+      const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+      Out* dx = out.data() + t * out.outerStride();
+      if (norm.inv == Compute(0)) {
+        if constexpr (!Accumulate) std::fill(dx, dx + n, Out(0));
         continue;
       }
-      const Scalar* row = x.data() + t * x.outerStride();
-      detail::RowNorm<Scalar> again;
+      const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
+      detail::RowNorm<Compute> again;
       if (!detail::raw_scores(row, n, ScoreFunction::softmax, raw_, again)) {
         detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
       }
-      const Scalar row_factor =
-          static_cast<Scalar>(factor * double(lse_[static_cast<std::size_t>(t)])) * norm.inv;
-      for (Index j = 0; j < n; ++j) {
-        if constexpr (Accumulate) {
-          dx[j] += row_factor * raw_[j];
-        } else {
-          dx[j] = row_factor * raw_[j];
-        }
-      }
+      const Compute row_factor =
+          static_cast<Compute>(factor * double(lse_[static_cast<std::size_t>(t)])) * norm.inv;
+      for (Index j = 0; j < n; ++j) detail::store<Accumulate>(dx[j], Compute(row_factor * raw_[j]));
     }
   }
 
+ private:
+  template <class Derived>
+  static constexpr void assert_scalar() {
+    static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
+                  "moebal::ZLoss<Scalar> takes logits of the same Scalar: use ZLoss<float> for "
+                  "float logits, ZLoss<double> for double, ZLoss<Eigen::bfloat16> for bfloat16");
+  }
+
   double coefficient_;
-  detail::ScratchArray<Scalar> raw_;
-  std::vector<detail::RowNorm<Scalar>> norms_;
-  std::vector<Scalar> lse_;
+  detail::ScratchArray<Compute> raw_;
+  detail::RowReader<Scalar, Compute> reader_;
+  std::vector<detail::RowNorm<Compute>> norms_;
+  std::vector<Compute> lse_;
   Index rows_ = -1;
   Index cols_ = 0;
   std::int64_t tokens_ = 0;
@@ -199,26 +204,30 @@ class ZLoss {
 
 /// The router z-loss and its gradient in one call: L = a (1/T) sum_t (logsumexp x_t)^2,
 /// d L / d x_tj = a (2/T) lse_t softmax(x_t)_j (ST-MoE; Megatron-core `z_loss_func`).
-/// @param logits T x N, float or double, any Eigen dense expression (row-major read in place,
-///   column-major converted once). -Inf logits (disabled experts) are allowed.
+/// @param logits T x N, float, double, Eigen::bfloat16 or Eigen::half (computed in float), any
+///   Eigen dense expression (row-major read in place, column-major converted once). -Inf
+///   logits (disabled experts) are allowed.
+/// @return in the compute type (float for half-precision logits).
 /// @param options coefficient a and padding mask.
 /// @return loss, grad (T x N row-major), tokens and the mean squared log-sum-exp.
 /// @throws moebal::invalid_argument for T = 0 or N = 0, a non-finite coefficient, a mask of
 ///   the wrong length or with NaN, NaN or +Inf logits, or a real row of all -Inf.
 template <class Derived>
-ZLossResult<typename Derived::Scalar> z_loss(const Eigen::MatrixBase<Derived>& logits,
-                                             const ZLossOptions& options = {}) {
+ZLossResult<compute_type_t<typename Derived::Scalar>> z_loss(
+    const Eigen::MatrixBase<Derived>& logits, const ZLossOptions& options = {}) {
   using Scalar = typename Derived::Scalar;
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::z_loss: logits must be float or double; cast them first");
+                "moebal::z_loss: logits must be float, double, Eigen::bfloat16 or Eigen::half; "
+                "cast them first");
   constexpr const char* function = "moebal::z_loss";
   detail::check_finite_parameter(function, "options.coefficient", options.coefficient);
   const detail::RowInput<Scalar> x(logits);
   ZLoss<Scalar> loss(options.coefficient);
-  ZLossResult<Scalar> result;
+  ZLossResult<compute_type_t<Scalar>> result;
   result.loss = loss.forward_impl(function, x, options.mask);
   result.grad.resize(x.rows(), x.cols());
-  loss.backward(x, result.grad);
+  RowMatrixRef<compute_type_t<Scalar>> grad(result.grad);
+  loss.template backward_impl<false>(function, x, grad, compute_type_t<Scalar>(1));
   result.tokens = loss.tokens();
   result.mean_squared_lse = loss.mean_squared_lse();
   return result;

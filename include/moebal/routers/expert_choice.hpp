@@ -42,11 +42,12 @@ struct ExpertChoiceResult {
 /// Expert-choice routing of T x N logits with capacity factor c (see the file comment).
 /// @throws moebal::invalid_argument for empty logits, c not finite or <= 0, or C outside [1, T].
 template <class Derived>
-ExpertChoiceResult<typename Derived::Scalar> expert_choice(const Eigen::MatrixBase<Derived>& logits,
-                                                           double capacity_factor) {
-  using Scalar = typename Derived::Scalar;
+ExpertChoiceResult<compute_type_t<typename Derived::Scalar>> expert_choice(
+    const Eigen::MatrixBase<Derived>& logits, double capacity_factor) {
+  using Storage = typename Derived::Scalar;
+  using Scalar = compute_type_t<Storage>;
   constexpr const char* function = "moebal::expert_choice";
-  const detail::RowInput<Scalar> x(logits);
+  const detail::RowInput<Storage> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
   detail::check_finite_parameter(function, "capacity_factor", capacity_factor);
   const Index T = x.rows(), N = x.cols();
@@ -56,7 +57,7 @@ ExpertChoiceResult<typename Derived::Scalar> expert_choice(const Eigen::MatrixBa
                           detail::concat("c > 0 with 1 <= C = round(T c / N) <= T = ", T),
                           detail::concat("c = ", capacity_factor, " (C = ", C, ")"));
   }
-  const RowMatrix<Scalar> s = detail::scores_impl<Scalar>(function, x, ScoreFunction::softmax);
+  const RowMatrix<Scalar> s = detail::scores_impl<Storage>(function, x, ScoreFunction::softmax);
   ExpertChoiceResult<Scalar> r;
   r.capacity = C;
   r.tokens.resize(N, C);
@@ -80,12 +81,14 @@ ExpertChoiceResult<typename Derived::Scalar> expert_choice(const Eigen::MatrixBa
 /// d loss / d logits of `expert_choice` from d loss / d weights (T x N; only picked pairs
 /// matter): per token the softmax VJP of g_te = dloss_dweights_te where picked, else 0.
 template <class Derived, class DerivedG>
-RowMatrix<typename Derived::Scalar> expert_choice_backward(
-    const Eigen::MatrixBase<Derived>& logits, const ExpertChoiceResult<typename Derived::Scalar>& result,
+RowMatrix<compute_type_t<typename Derived::Scalar>> expert_choice_backward(
+    const Eigen::MatrixBase<Derived>& logits,
+    const ExpertChoiceResult<compute_type_t<typename Derived::Scalar>>& result,
     const Eigen::MatrixBase<DerivedG>& dloss_dweights) {
-  using Scalar = typename Derived::Scalar;
+  using Storage = typename Derived::Scalar;
+  using Scalar = compute_type_t<Storage>;
   constexpr const char* function = "moebal::expert_choice_backward";
-  const detail::RowInput<Scalar> x(logits);
+  const detail::RowInput<Storage> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
   detail::check_output_shape(function, "dloss_dweights", dloss_dweights.rows(), dloss_dweights.cols(),
                              x.rows(), x.cols());
@@ -95,11 +98,11 @@ RowMatrix<typename Derived::Scalar> expert_choice_backward(
   for (Index e = 0; e < result.tokens.rows(); ++e) {
     for (Index c = 0; c < result.tokens.cols(); ++c) {
       const Index t = result.tokens(e, c);
-      g(t, e) = dloss_dweights(t, e);
+      g(t, e) = static_cast<Scalar>(dloss_dweights(t, e));
     }
   }
-  return detail::scores_backward_impl<Scalar>(function, x, detail::RowInput<Scalar>(g),
-                                              ScoreFunction::softmax);
+  return detail::scores_backward_impl<Storage>(function, x, detail::RowInput<Scalar>(g),
+                                               ScoreFunction::softmax);
 }
 
 }  // namespace moebal

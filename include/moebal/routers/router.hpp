@@ -205,9 +205,13 @@ void elementwise_scores(const C* x, Index n, RouterScore score, C* s) {
 template <class Scalar>
 class Router {
   static_assert(detail::is_supported_scalar_v<Scalar>,
-                "moebal::Router<Scalar>: Scalar must be float or double");
+                "moebal::Router<Scalar>: Scalar must be float, double, "
+                "Eigen::bfloat16 or Eigen::half");
 
  public:
+  /// The compute type: float for bfloat16/half logits, Scalar otherwise.
+  using Compute = compute_type_t<Scalar>;
+
   /// @param num_experts N. @param k experts per token. @param options see `RouterOptions`.
   /// @throws moebal::invalid_argument for N < 1, k out of range, N not divisible by G, g > G,
   ///   k larger than the experts in the kept groups, a bias of the wrong length, k = 1 with
@@ -225,37 +229,45 @@ class Router {
     o.expert_bias = bias;
     detail::check_router_options("moebal::Router::set_expert_bias", n_, k_, o);
     options_.expert_bias = bias;
-    bias_compute_ = bias.template cast<Scalar>();
+    bias_compute_ = bias.template cast<Compute>();
   }
 
   /// Routes T x N logits: writes the T x k indices and weights.
+  /// @param weights T x k row-major buffer of Scalar or Compute (float for bfloat16/half
+  ///   logits); weights are computed in Compute and rounded once.
   /// @throws moebal::invalid_argument for bad shapes, NaN or +Inf logits.
-  template <class Derived>
+  template <class Derived, class OutW>
   void forward(const Eigen::MatrixBase<Derived>& logits, Eigen::Ref<IndexMatrix> indices,
-               RowMatrixRef<Scalar> weights) {
+               OutW&& weights) {
     static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
                   "moebal::Router<Scalar> takes logits of the same Scalar");
-    forward_impl("moebal::Router::forward", detail::RowInput<Scalar>(logits), indices, weights);
+    forward_impl("moebal::Router::forward", detail::RowInput<Scalar>(logits), indices,
+                 detail::output_ref<Scalar>(weights));
   }
 
   /// d loss / d logits from d loss / d weights (T x k), for the logits and indices of a
   /// forward: dloss_dlogits = scale * J^T dloss_dweights (every element written).
-  template <class Derived, class DerivedG>
-  void backward(const Eigen::MatrixBase<Derived>& logits, const Eigen::Ref<const IndexMatrix>& indices,
-                const Eigen::MatrixBase<DerivedG>& dloss_dweights, RowMatrixRef<Scalar> dloss_dlogits,
-                Scalar scale = Scalar(1)) {
+  /// @param dloss_dweights T x k of Scalar or Compute (read in Compute).
+  /// @param dloss_dlogits T x N row-major buffer of Scalar or Compute.
+  template <class Derived, class DerivedG, class Out>
+  void backward(const Eigen::MatrixBase<Derived>& logits,
+                const Eigen::Ref<const IndexMatrix>& indices,
+                const Eigen::MatrixBase<DerivedG>& dloss_dweights, Out&& dloss_dlogits,
+                Compute scale = Compute(1)) {
     backward_impl<false>("moebal::Router::backward", detail::RowInput<Scalar>(logits), indices,
-                         detail::RowInput<Scalar>(dloss_dweights), dloss_dlogits, scale);
+                         compute_input(dloss_dweights), detail::output_ref<Scalar>(dloss_dlogits),
+                         scale);
   }
 
   /// As `backward`, adding into dloss_dlogits.
-  template <class Derived, class DerivedG>
+  template <class Derived, class DerivedG, class Out>
   void backward_accumulate(const Eigen::MatrixBase<Derived>& logits,
                            const Eigen::Ref<const IndexMatrix>& indices,
-                           const Eigen::MatrixBase<DerivedG>& dloss_dweights,
-                           RowMatrixRef<Scalar> dloss_dlogits, Scalar scale = Scalar(1)) {
+                           const Eigen::MatrixBase<DerivedG>& dloss_dweights, Out&& dloss_dlogits,
+                           Compute scale = Compute(1)) {
     backward_impl<true>("moebal::Router::backward_accumulate", detail::RowInput<Scalar>(logits),
-                        indices, detail::RowInput<Scalar>(dloss_dweights), dloss_dlogits, scale);
+                        indices, compute_input(dloss_dweights),
+                        detail::output_ref<Scalar>(dloss_dlogits), scale);
   }
 
   // Internal: the one-line forms name themselves in error messages.
@@ -266,35 +278,47 @@ class Router {
     v_.resize(num_experts);
     u_.resize(k);
     g_.resize(num_experts);
+    drow_.resize(num_experts);
+    reader_.resize(num_experts);
     group_scores_.resize(options_.num_groups);
     group_order_.resize(static_cast<std::size_t>(options_.num_groups));
     group_values_.resize(static_cast<std::size_t>(num_experts));
     selected_.resize(static_cast<std::size_t>(k));
     topk_.resize(num_experts, k);
     group_topk_.resize(options_.num_groups, std::max<Index>(options_.group_topk, 1));
-    bias_compute_ = options_.expert_bias.template cast<Scalar>();
+    bias_compute_ = options_.expert_bias.template cast<Compute>();
   }
 
+  template <class OutW>
   void forward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                    Eigen::Ref<IndexMatrix> indices, RowMatrixRef<Scalar>& weights) {
+                    Eigen::Ref<IndexMatrix> indices, RowMatrixRef<OutW> weights) {
     detail::check_logits_columns(function, x.rows(), x.cols(), n_);
     detail::check_output_shape(function, "indices", indices.rows(), indices.cols(), x.rows(), k_);
     detail::check_output_shape(function, "weights", weights.rows(), weights.cols(), x.rows(), k_);
     for (Index t = 0; t < x.rows(); ++t) {
-      const Scalar* row = x.data() + t * x.outerStride();
+      const Compute* row = reader_.read(x.data() + t * x.outerStride(), n_);
       scores_row(function, row, t);
       select_row(row);
       weights_row(row);
       for (Index i = 0; i < k_; ++i) {
         indices(t, i) = selected_[std::size_t(i)];
-        weights(t, i) = u_[i];
+        weights(t, i) = static_cast<OutW>(u_[i]);
       }
     }
   }
 
  private:
+  // d loss / d weights read in Compute (a cast view for bfloat16/half, in place otherwise).
+  template <class DerivedG>
+  static detail::RowInput<Compute> compute_input(const Eigen::MatrixBase<DerivedG>& g) {
+    static_assert(std::is_same_v<compute_type_t<typename DerivedG::Scalar>, Compute>,
+                  "moebal::Router: dloss_dweights must be of the logits' type or their compute "
+                  "type");
+    return detail::RowInput<Compute>(g.template cast<Compute>());
+  }
+
   // s = score(x) for one row; validates the row.
-  void scores_row(const char* function, const Scalar* row, Index t) {
+  void scores_row(const char* function, const Compute* row, Index t) {
     if (options_.score == RouterScore::softmax) {
       if (!detail::raw_scores(row, n_, ScoreFunction::softmax, v_, norm_)) {
         detail::throw_invalid_row(function, row, n_, t, ScoreFunction::softmax);
@@ -303,7 +327,7 @@ class Router {
       return;
     }
     for (Index j = 0; j < n_; ++j) {
-      if (std::isnan(row[j]) || row[j] == std::numeric_limits<Scalar>::infinity()) {
+      if (std::isnan(row[j]) || row[j] == std::numeric_limits<Compute>::infinity()) {
         detail::throw_invalid_row(function, row, n_, t, ScoreFunction::sigmoid);
       }
     }
@@ -311,7 +335,7 @@ class Router {
   }
 
   // The top-k (with groups) of the selection values, into selected_.
-  void select_row(const Scalar* row) {
+  void select_row(const Compute* row) {
     const bool logits = options_.select_on_logits;
     for (Index j = 0; j < n_; ++j) v_[j] = logits ? row[j] : s_[j];
     if (bias_compute_.size() != 0) v_ += bias_compute_;
@@ -320,9 +344,9 @@ class Router {
       const Index size = n_ / groups, kept = options_.group_topk;
       for (Index g = 0; g < groups; ++g) group_scores_[g] = group_score(v_.data() + g * size, size);
       detail::topk_row_exact(group_scores_.data(), groups, kept, group_order_.data(), group_topk_);
-      const Scalar fill = options_.group_fill == GroupFill::zero
-                              ? Scalar(0)
-                              : -std::numeric_limits<Scalar>::infinity();
+      const Compute fill = options_.group_fill == GroupFill::zero
+                               ? Compute(0)
+                               : -std::numeric_limits<Compute>::infinity();
       for (Index g = 0; g < groups; ++g) {
         bool keep = false;
         for (Index i = 0; i < kept; ++i) keep = keep || group_order_[std::size_t(i)] == g;
@@ -332,25 +356,25 @@ class Router {
     detail::topk_row_exact(v_.data(), n_, k_, selected_.data(), topk_);
   }
 
-  Scalar group_score(const Scalar* values, Index size) {
+  Compute group_score(const Compute* values, Index size) {
     if (options_.group_score == GroupScore::max) return *std::max_element(values, values + size);
     const Index top = options_.group_score == GroupScore::sum_top2
                           ? std::min<Index>(2, size)
                           : k_ / options_.group_topk;
     std::copy(values, values + size, group_values_.begin());
     std::partial_sort(group_values_.begin(), group_values_.begin() + top,
-                      group_values_.begin() + size, [](Scalar a, Scalar b) { return a > b; });
-    Scalar sum = Scalar(0);
+                      group_values_.begin() + size, [](Compute a, Compute b) { return a > b; });
+    Compute sum = Compute(0);
     for (Index i = 0; i < top; ++i) sum += group_values_[std::size_t(i)];
     return sum;
   }
 
   // u = the k weights of the row (after normalization and scaling); keeps sum_ for backward.
-  void weights_row(const Scalar* row) {
+  void weights_row(const Compute* row) {
     if (options_.weights == RouterWeights::softmax_of_selected) {
-      Scalar max = -std::numeric_limits<Scalar>::infinity();
+      Compute max = -std::numeric_limits<Compute>::infinity();
       for (Index i = 0; i < k_; ++i) max = std::max(max, row[selected_[std::size_t(i)]]);
-      Scalar sum = Scalar(0);
+      Compute sum = Compute(0);
       for (Index i = 0; i < k_; ++i) {
         u_[i] = std::exp(row[selected_[std::size_t(i)]] - max);
         sum += u_[i];
@@ -361,24 +385,24 @@ class Router {
     }
     sum_ = u_.sum();
     if (options_.normalize) u_ /= denominator();
-    u_ *= static_cast<Scalar>(options_.scaling_factor);
+    u_ *= static_cast<Compute>(options_.scaling_factor);
   }
 
   // The normalization's denominator for the current row (sum_ set by weights_row).
-  Scalar denominator() const {
-    const Scalar eps = static_cast<Scalar>(options_.normalize_epsilon);
+  Compute denominator() const {
+    const Compute eps = static_cast<Compute>(options_.normalize_epsilon);
     return options_.epsilon_mode == NormalizeEpsilon::add ? sum_ + eps : std::max(sum_, eps);
   }
   // Whether the denominator varies with u (not clamped).
   bool denominator_varies() const {
     return options_.epsilon_mode == NormalizeEpsilon::add ||
-           sum_ >= static_cast<Scalar>(options_.normalize_epsilon);
+           sum_ >= static_cast<Compute>(options_.normalize_epsilon);
   }
 
-  template <bool Accumulate>
+  template <bool Accumulate, class Out>
   void backward_impl(const char* function, const detail::RowInput<Scalar>& x,
                      const Eigen::Ref<const IndexMatrix>& indices,
-                     const detail::RowInput<Scalar>& dw, RowMatrixRef<Scalar>& out, Scalar scale) {
+                     const detail::RowInput<Compute>& dw, RowMatrixRef<Out> out, Compute scale) {
     detail::check_logits_columns(function, x.rows(), x.cols(), n_);
     detail::check_output_shape(function, "indices", indices.rows(), indices.cols(), x.rows(), k_);
     detail::check_output_shape(function, "dloss_dweights", dw.rows(), dw.cols(), x.rows(), k_);
@@ -393,62 +417,60 @@ class Router {
         }
         selected_[std::size_t(i)] = e;
       }
-      const Scalar* row = x.data() + t * x.outerStride();
+      const Compute* row = reader_.read(x.data() + t * x.outerStride(), n_);
       scores_row(function, row, t);
       weights_row(row);  // recomputes the pre-normalization weights and their sum
       // Undo the scaling and normalization to get the unnormalized u.
-      Eigen::Array<Scalar, Eigen::Dynamic, 1>& u = u_;
-      const Scalar scaling = static_cast<Scalar>(options_.scaling_factor);
-      const Scalar denominator = options_.normalize ? this->denominator() : Scalar(1);
+      Eigen::Array<Compute, Eigen::Dynamic, 1>& u = u_;
+      const Compute scaling = static_cast<Compute>(options_.scaling_factor);
+      const Compute denominator = options_.normalize ? this->denominator() : Compute(1);
       const bool varies = options_.normalize && denominator_varies();
       // w = scaling * u / denominator; d L / d u_j = scaling (g_j - sum_i g_i w_i / scaling) / D.
-      Scalar gw = Scalar(0);
+      Compute gw = Compute(0);
       for (Index i = 0; i < k_; ++i) gw += dw(t, i) * u[i];  // u here is w (scaled, normalized)
       g_.setZero();
-      Scalar* dx = out.data() + t * out.outerStride();
+      Out* dx = out.data() + t * out.outerStride();
       // d L / d u (unnormalized weights), per slot.
       for (Index i = 0; i < k_; ++i) {
-        const Scalar du = varies ? scaling * (dw(t, i) - gw / scaling) / denominator
-                                 : scaling * dw(t, i) / denominator;
+        const Compute du = varies ? scaling * (dw(t, i) - gw / scaling) / denominator
+                                  : scaling * dw(t, i) / denominator;
         g_[selected_[std::size_t(i)]] += du;
       }
       if (options_.weights == RouterWeights::softmax_of_selected) {
         // u = softmax(x[selected]): d L / d x_sel = p (g - sum g p), p = u / scaling * D.
-        Scalar gp = Scalar(0);
+        Compute gp = Compute(0);
         for (Index i = 0; i < k_; ++i) {
           const Index e = selected_[std::size_t(i)];
           gp += g_[e] * (u[i] * denominator / scaling);
         }
-        for (Index j = 0; j < n_; ++j) {
-          if constexpr (!Accumulate) dx[j] = Scalar(0);
-        }
+        // Finished in Compute (drow_), then stored once.
+        drow_.setZero();
         for (Index i = 0; i < k_; ++i) {
           const Index e = selected_[std::size_t(i)];
-          const Scalar p = u[i] * denominator / scaling;
-          dx[e] += scale * p * (g_[e] - gp);
+          const Compute p = u[i] * denominator / scaling;
+          drow_[e] += scale * p * (g_[e] - gp);
         }
+        for (Index j = 0; j < n_; ++j) detail::store<Accumulate>(dx[j], drow_[j]);
         continue;
       }
       if (options_.score == RouterScore::softmax) {
-        const Scalar gs = detail::lane_dot(g_.data(), s_.data(), n_);
+        const Compute gs = detail::lane_dot(g_.data(), s_.data(), n_);
         for (Index j = 0; j < n_; ++j) {
-          const Scalar value = scale * s_[j] * (g_[j] - gs);
-          if constexpr (Accumulate) dx[j] += value; else dx[j] = value;
+          detail::store<Accumulate>(dx[j], Compute(scale * s_[j] * (g_[j] - gs)));
         }
       } else {
         for (Index j = 0; j < n_; ++j) {
-          Scalar derivative;
+          Compute derivative;
           if (options_.score == RouterScore::sigmoid) {
-            derivative = s_[j] * (Scalar(1) - s_[j]);
+            derivative = s_[j] * (Compute(1) - s_[j]);
           } else {
             // d sqrt(softplus(x)) / dx = sigmoid(x) / (2 sqrt(softplus(x))).
-            const Scalar v = row[j];
-            const Scalar sig = v >= Scalar(0) ? Scalar(1) / (Scalar(1) + std::exp(-v))
-                                              : std::exp(v) / (Scalar(1) + std::exp(v));
-            derivative = s_[j] > Scalar(0) ? sig / (Scalar(2) * s_[j]) : Scalar(0);
+            const Compute v = row[j];
+            const Compute sig = v >= Compute(0) ? Compute(1) / (Compute(1) + std::exp(-v))
+                                                : std::exp(v) / (Compute(1) + std::exp(v));
+            derivative = s_[j] > Compute(0) ? sig / (Compute(2) * s_[j]) : Compute(0);
           }
-          const Scalar value = scale * derivative * g_[j];
-          if constexpr (Accumulate) dx[j] += value; else dx[j] = value;
+          detail::store<Accumulate>(dx[j], Compute(scale * derivative * g_[j]));
         }
       }
     }
@@ -456,34 +478,37 @@ class Router {
 
   Index n_, k_;
   RouterOptions options_;
-  detail::ScratchArray<Scalar> s_, v_, u_, g_, group_scores_;
-  Eigen::Array<Scalar, Eigen::Dynamic, 1> bias_compute_;
+  detail::ScratchArray<Compute> s_, v_, u_, g_, drow_, group_scores_;
+  detail::RowReader<Scalar, Compute> reader_;
+  Eigen::Array<Compute, Eigen::Dynamic, 1> bias_compute_;
   std::vector<Index> group_order_;
-  std::vector<Scalar> group_values_;
+  std::vector<Compute> group_values_;
   std::vector<Index> selected_;
-  detail::TopkScratch<Scalar> topk_, group_topk_;
-  detail::RowNorm<Scalar> norm_;
-  Scalar sum_ = Scalar(0);
+  detail::TopkScratch<Compute> topk_, group_topk_;
+  detail::RowNorm<Compute> norm_;
+  Compute sum_ = Compute(0);
 };
 
 /// Routes T x N logits in one call (see the file comment for the steps).
-/// @param logits T x N, float or double. @param k experts per token.
+/// @param logits T x N, float, double, Eigen::bfloat16 or Eigen::half (computed in float).
+/// @param k experts per token.
 /// @param options score function, weights, normalization, scaling, groups, expert bias.
 /// @return T x k indices (by decreasing selection value) and T x k weights.
 /// @throws moebal::invalid_argument as `Router`.
 template <class Derived>
-RouterResult<typename Derived::Scalar> route(const Eigen::MatrixBase<Derived>& logits, Index k,
-                                             const RouterOptions& options = {}) {
+RouterResult<compute_type_t<typename Derived::Scalar>> route(
+    const Eigen::MatrixBase<Derived>& logits, Index k, const RouterOptions& options = {}) {
   using Scalar = typename Derived::Scalar;
-  static_assert(detail::is_supported_scalar_v<Scalar>, "moebal::route: logits must be float or double");
+  static_assert(detail::is_supported_scalar_v<Scalar>,
+                "moebal::route: logits must be float, double, Eigen::bfloat16 or Eigen::half");
   constexpr const char* function = "moebal::route";
   const detail::RowInput<Scalar> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
   Router<Scalar> router(function, x.cols(), k, options);
-  RouterResult<Scalar> result;
+  RouterResult<compute_type_t<Scalar>> result;
   result.indices.resize(x.rows(), k);
   result.weights.resize(x.rows(), k);
-  RowMatrixRef<Scalar> weights(result.weights);
+  RowMatrixRef<compute_type_t<Scalar>> weights(result.weights);
   router.forward_impl(function, x, result.indices, weights);
   return result;
 }
@@ -492,16 +517,15 @@ RouterResult<typename Derived::Scalar> route(const Eigen::MatrixBase<Derived>& l
 /// @param logits and @p indices as given to / returned by `route` with the same options.
 /// @throws moebal::invalid_argument for mismatched shapes or indices out of range.
 template <class Derived, class DerivedG>
-RowMatrix<typename Derived::Scalar> route_backward(const Eigen::MatrixBase<Derived>& logits,
-                                                   const IndexMatrix& indices,
-                                                   const Eigen::MatrixBase<DerivedG>& dloss_dweights,
-                                                   const RouterOptions& options = {}) {
+RowMatrix<compute_type_t<typename Derived::Scalar>> route_backward(
+    const Eigen::MatrixBase<Derived>& logits, const IndexMatrix& indices,
+    const Eigen::MatrixBase<DerivedG>& dloss_dweights, const RouterOptions& options = {}) {
   using Scalar = typename Derived::Scalar;
   constexpr const char* function = "moebal::route_backward";
   const detail::RowInput<Scalar> x(logits);
   detail::check_logits_shape(function, x.rows(), x.cols());
   Router<Scalar> router(function, x.cols(), indices.cols() > 0 ? indices.cols() : 1, options);
-  RowMatrix<Scalar> grad(x.rows(), x.cols());
+  RowMatrix<compute_type_t<Scalar>> grad(x.rows(), x.cols());
   router.backward(x, indices, dloss_dweights, grad);
   return grad;
 }

@@ -32,11 +32,13 @@ namespace moebal {
 /// @throws moebal::invalid_argument for empty or non-finite logits, tol not > 0, or no
 ///   convergence within max_iterations.
 template <class Derived>
-RowMatrix<typename Derived::Scalar> sinkhorn(const Eigen::MatrixBase<Derived>& logits,
-                                             double tol = 1e-4, Index max_iterations = 100000) {
-  using Scalar = typename Derived::Scalar;
+RowMatrix<compute_type_t<typename Derived::Scalar>> sinkhorn(
+    const Eigen::MatrixBase<Derived>& logits, double tol = 1e-4, Index max_iterations = 100000) {
+  // Computed in the compute type (bfloat16/half logits are converted once to float: the
+  // iteration needs a T x N working matrix anyway).
+  using Scalar = compute_type_t<typename Derived::Scalar>;
   constexpr const char* function = "moebal::sinkhorn";
-  const detail::RowInput<Scalar> x(logits);
+  const detail::RowInput<Scalar> x(logits.template cast<Scalar>());
   detail::check_logits_shape(function, x.rows(), x.cols());
   if (!(tol > 0) || !std::isfinite(tol)) detail::throw_invalid(function, "tol", "a finite tolerance > 0", detail::concat(tol));
   if (!x.allFinite()) detail::throw_invalid(function, "logits", "finite values", "NaN or Inf");
@@ -65,11 +67,11 @@ RowMatrix<typename Derived::Scalar> sinkhorn(const Eigen::MatrixBase<Derived>& l
 
 /// Sinkhorn routing: top-k of the balanced assignment, weights from sigmoid (k = 1) or softmax.
 template <class Derived>
-RouterResult<typename Derived::Scalar> sinkhorn_route(const Eigen::MatrixBase<Derived>& logits,
-                                                      Index k, double tol = 1e-4) {
-  using Scalar = typename Derived::Scalar;
+RouterResult<compute_type_t<typename Derived::Scalar>> sinkhorn_route(
+    const Eigen::MatrixBase<Derived>& logits, Index k, double tol = 1e-4) {
+  using Scalar = compute_type_t<typename Derived::Scalar>;  // half precision: converted once
   constexpr const char* function = "moebal::sinkhorn_route";
-  const detail::RowInput<Scalar> x(logits);
+  const detail::RowInput<Scalar> x(logits.template cast<Scalar>());
   detail::check_logits_shape(function, x.rows(), x.cols());
   detail::check_k(function, k, x.cols());
   const RowMatrix<Scalar> assignment = sinkhorn(x, tol);
@@ -87,9 +89,9 @@ RouterResult<typename Derived::Scalar> sinkhorn_route(const Eigen::MatrixBase<De
 /// d loss / d logits of `sinkhorn_route` from d loss / d weights (T x k), through the
 /// activation only (sigmoid for k = 1, softmax otherwise).
 template <class Derived, class DerivedG>
-RowMatrix<typename Derived::Scalar> sinkhorn_route_backward(const Eigen::MatrixBase<Derived>& logits,
-                                                            const IndexMatrix& indices,
-                                                            const Eigen::MatrixBase<DerivedG>& dloss_dweights) {
+RowMatrix<compute_type_t<typename Derived::Scalar>> sinkhorn_route_backward(
+    const Eigen::MatrixBase<Derived>& logits, const IndexMatrix& indices,
+    const Eigen::MatrixBase<DerivedG>& dloss_dweights) {
   RouterOptions o;
   o.score = indices.cols() == 1 ? RouterScore::sigmoid : RouterScore::softmax;
   return route_backward(logits, indices, dloss_dweights, o);
