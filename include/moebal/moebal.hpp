@@ -4,7 +4,17 @@
 /// @file
 /// The umbrella header: everything in moebal that needs only Eigen and the standard library.
 /// Opt-in, not included here: the finite-difference helper `<moebal/testing/gradcheck.hpp>`
-/// the Eigen::Tensor adapter `<moebal/tensor.hpp>` and the MPI adapter `<moebal/mpi.hpp>`.
+/// the Eigen::Tensor adapter `<moebal/tensor.hpp>`, the MPI adapter `<moebal/mpi.hpp>` and
+/// the libtorch adapter `<moebal/torch.hpp>`.
+///
+/// Threads and determinism: the free functions are reentrant (they share no state) and may be
+/// called from any number of threads at once. A loss, router or balancer object (SwitchAuxLoss,
+/// GlobalBatchBalance, Router, ExpertBiasBalancer, ...) holds its workspace and the state of
+/// its last forward: use one object per thread, or serialize the calls; distinct objects may
+/// be used concurrently. A `TokenMask` is a view: the memory it views must outlive the calls,
+/// and must not be written while they run. The same inputs give bitwise identical results on
+/// every call, fresh or reused objects alike, and seeded noise and random drop priorities are
+/// reproducible (std::mt19937_64, the same on every machine).
 
 #include "moebal/version.hpp"
 
