@@ -44,7 +44,8 @@ RowMatrix<compute_type_t<S>> scores_impl(const char* function, const RowInput<S>
 template <class S>
 RowMatrix<compute_type_t<S>> scores_backward_impl(const char* function, const RowInput<S>& x,
                                                   const RowInput<compute_type_t<S>>& g,
-                                                  ScoreFunction score) {
+                                                  ScoreFunction score,
+                                                  const TokenMask& mask = {}) {
   using C = compute_type_t<S>;
   const Index rows = x.rows(), cols = x.cols();
   check_logits_shape(function, rows, cols);
@@ -55,6 +56,10 @@ RowMatrix<compute_type_t<S>> scores_backward_impl(const char* function, const Ro
   RowReader<S, C> reader;
   reader.resize(cols);
   for (Index t = 0; t < rows; ++t) {
+    if (!mask.is_real(t)) {  // padded rows are never read (they may hold anything)
+      dx.row(t).setZero();
+      continue;
+    }
     const C* row = reader.read(x.data() + t * x.outerStride(), cols);
     if (!raw_scores(row, cols, score, raw, norm)) throw_invalid_row(function, row, cols, t, score);
     grow = g.row(t).transpose().array();

@@ -94,6 +94,16 @@ inline void check_combined_options(const char* function, Index num_experts, Inde
     throw_invalid(function, "options.layout",
                   "a sequence layout when the sequence weight is nonzero", "none");
   }
+  if (options.mask_mode != SequenceMaskMode::own_length &&
+      options.mask_mode != SequenceMaskMode::megatron_mean_length) {
+    throw_invalid(function, "options.mask_mode", "own_length or megatron_mean_length",
+                  concat(int(options.mask_mode)));
+  }
+  if (options.cv2_variance != Cv2Variance::population &&
+      options.cv2_variance != Cv2Variance::unbiased) {
+    throw_invalid(function, "options.cv2_variance", "population or unbiased",
+                  concat(int(options.cv2_variance)));
+  }
   if (w.cv2_importance != 0.0 && options.cv2_variance == Cv2Variance::unbiased &&
       num_experts < 2) {
     throw_invalid(function, "num_experts", "at least 2 experts for the unbiased variance",

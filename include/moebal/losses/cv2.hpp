@@ -108,18 +108,33 @@ inline void check_cv2_options(const char* function, Index num_experts, Index k,
   }
 }
 
+/// Top-k gates q_i / sum_{j in topk} q_j are undefined when every selected score is 0 (a row of
+/// -Inf, or sigmoid scores that underflow: logits below about -745 in double, -103 in float).
+[[noreturn]] inline void throw_zero_topk_sum(const char* function, Index t) {
+  throw_invalid(function, "logits",
+                "rows whose top-k scores have a positive sum (the top-k gates divide by it)",
+                concat("a sum of 0 at row ", t));
+}
+
 /// CV^2 of v and its gradient h = d CV^2 / d v (coefficient included).
 inline double cv2_and_gradient(const Eigen::VectorXd& v, Cv2Variance variance, double a,
                                Eigen::VectorXd& h) {
   const double n = double(v.size());
-  const double mu = v.mean();
   h.setZero(v.size());
   if (variance == Cv2Variance::population) {
+    // Population CV^2 is scale-invariant: evaluate it on v / m, m = max |v_i|, so that mu^2 and
+    // mu^3 cannot underflow for tiny importances (sigmoid scores of logits near -700), and
+    // scale the gradient back by 1 / m (L(v) = L(v / m) for the fixed m).
+    const double m = v.cwiseAbs().maxCoeff();
+    if (m == 0.0) return 0.0;
+    const Eigen::ArrayXd u = v.array() / m;
+    const double mu = u.mean();
     if (mu == 0.0) return 0.0;
-    const double var = (v.array() - mu).square().sum() / n;
-    h = a * ((2.0 / n) * (v.array() - mu) / (mu * mu) - 2.0 * var / (n * mu * mu * mu)).matrix();
+    const double var = (u - mu).square().sum() / n;
+    h = (a / m * ((2.0 / n) * (u - mu) / (mu * mu) - 2.0 * var / (n * mu * mu * mu))).matrix();
     return a * var / (mu * mu);
   }
+  const double mu = v.mean();
   const double var = (v.array() - mu).square().sum() / (n - 1.0);
   const double d = mu * mu + 1e-10;
   h = a * (2.0 * (v.array() - mu) / ((n - 1.0) * d) - 2.0 * mu * var / (n * d * d)).matrix();
@@ -196,7 +211,7 @@ class Cv2ImportanceLoss {
     tokens_ = 0;
     const Index n = rows_.num_experts(), k = rows_.k();
     const bool topk = options_.gates == ImportanceGates::topk;
-    rows_.forward(function, x, mask, [&](Index, const Compute* q, const Index* selected) {
+    rows_.forward(function, x, mask, [&](Index t, const Compute* q, const Index* selected) {
       ++tokens_;
       if (!topk) {
         for (Index j = 0; j < n; ++j) importance_[j] += double(q[j]);
@@ -204,6 +219,7 @@ class Cv2ImportanceLoss {
       }
       Compute s = Compute(0);
       for (Index i = 0; i < k; ++i) s += q[selected[i]];
+      if (!(s > Compute(0))) detail::throw_zero_topk_sum(function, t);
       for (Index i = 0; i < k; ++i) importance_[selected[i]] += double(q[selected[i]] / s);
     });
     loss_ = detail::cv2_and_gradient(importance_, options_.variance, options_.coefficient, h_);
@@ -220,7 +236,7 @@ class Cv2ImportanceLoss {
     const bool topk = options_.gates == ImportanceGates::topk;
     const Compute* h = h_compute_.data();
     rows_.template backward<Accumulate>(
-        function, x, out, scale, [&](Index, const Compute* q, const Index* selected, Compute* g) {
+        function, x, out, scale, [&](Index t, const Compute* q, const Index* selected, Compute* g) {
           if (!topk) {
             for (Index j = 0; j < n; ++j) g[j] = h[j];
             return;
@@ -229,6 +245,7 @@ class Cv2ImportanceLoss {
           std::fill(g, g + n, Compute(0));
           Compute s = Compute(0);
           for (Index i = 0; i < k; ++i) s += q[selected[i]];
+          if (!(s > Compute(0))) detail::throw_zero_topk_sum(function, t);
           Compute hg = Compute(0);
           for (Index i = 0; i < k; ++i) hg += h[selected[i]] * (q[selected[i]] / s);
           for (Index i = 0; i < k; ++i) g[selected[i]] = (h[selected[i]] - hg) / s;
@@ -297,14 +314,14 @@ Cv2LoadResult<compute_type_t<typename Derived::Scalar>> cv2_load(
   rows.reset(x.cols(), k, options.score);
   Cv2LoadResult<compute_type_t<Scalar>> result;
   result.counts = CountVector::Zero(x.cols());
-  rows.forward(function, x, options.mask, [&](Index, const Scalar*, const Index* selected) {
+  rows.forward(function, x, options.mask, [&](Index, const compute_type_t<Scalar>*, const Index* selected) {
     ++result.tokens;
     for (Index i = 0; i < k; ++i) result.counts[selected[i]] += 1;
   });
   Eigen::VectorXd h;
-  result.loss = static_cast<Scalar>(detail::cv2_and_gradient(
+  result.loss = static_cast<compute_type_t<Scalar>>(detail::cv2_and_gradient(
       result.counts.template cast<double>(), Cv2Variance::population, options.coefficient, h));
-  result.grad = RowMatrix<Scalar>::Zero(x.rows(), x.cols());
+  result.grad = RowMatrix<compute_type_t<Scalar>>::Zero(x.rows(), x.cols());
   return result;
 }
 

@@ -603,8 +603,7 @@ SwitchAuxResult<compute_type_t<typename Derived::Scalar>> switch_aux_loss_with_c
     }
   }
   result.grad = detail::scores_backward_impl<Scalar>(function, x, detail::RowInput<Compute>(g),
-                                                     options.score);
-  for (Index t = 0; t < x.rows(); ++t) if (!options.mask.is_real(t)) result.grad.row(t).setZero();
+                                                     options.score, options.mask);
   result.stats.tokens = static_cast<std::int64_t>(tokens);
   result.stats.tokens_per_expert = c.template cast<std::int64_t>();
   result.stats.first_choice_tokens = CountVector::Zero(n);

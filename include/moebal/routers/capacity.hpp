@@ -12,6 +12,8 @@
 ///              dropless (C = the largest count), cf < 0 capped dropless (C = min(largest count,
 ///              k * int(-cf * ceil(T / N))))
 ///   absolute:  `absolute_capacity` (HF Switch Transformers `expert_capacity`)
+/// Capacities are saturated at the largest Index (2^63 - 1) instead of overflowing: a factor of
+/// 1e300 or an alignment of 2^63 - 1 gives a capacity that never drops a slot.
 /// Priority, i.e. which of an expert's tokens are kept when more than C chose it:
 ///   weight:               the largest routing weights (Megatron-core drop policy "probs")
 ///   position:             the earliest tokens (Megatron-core "position")
@@ -120,7 +122,22 @@ inline void check_capacity_options(const char* function, const CapacityOptions& 
   }
 }
 
-inline Index ceil_div_double(double value) { return static_cast<Index>(std::ceil(value)); }
+/// ceil(value) as an Index, saturated at the largest Index (a capacity that large never drops a
+/// slot; a factor such as 1e300 must not convert out of range, which is undefined behaviour).
+inline Index saturating_ceil(double value) {
+  const double c = std::ceil(value);
+  // 2^63 is exactly representable; every double below it converts to an Index in range.
+  if (!(c < 9223372036854775808.0)) return std::numeric_limits<Index>::max();
+  return c > 0 ? static_cast<Index>(c) : Index(0);
+}
+
+/// c rounded up to a multiple of `alignment` (>= 1), saturated at the largest Index.
+inline Index saturating_align(Index c, Index alignment) {
+  const Index rest = c % alignment;
+  if (rest == 0) return c;
+  const Index step = alignment - rest;
+  return c > std::numeric_limits<Index>::max() - step ? std::numeric_limits<Index>::max() : c + step;
+}
 
 }  // namespace detail
 
@@ -139,13 +156,16 @@ inline Index expert_capacity(Index tokens, Index num_experts, Index k, const Cap
   const double T = double(tokens), N = double(num_experts), kk = double(k), cf = o.capacity_factor;
   switch (o.formula) {
     case CapacityFormula::megatron: {
-      const Index c = detail::ceil_div_double(T * kk / N * cf);
+      const Index c = detail::saturating_ceil(T * kk / N * cf);
       return o.min_capacity > 0 ? std::max(c, o.min_capacity) : c;
     }
     case CapacityFormula::deepspeed:
-      return std::max(detail::ceil_div_double((T / N) * (cf * kk)), o.min_capacity);
+      return std::max(detail::saturating_ceil((T / N) * (cf * kk)), o.min_capacity);
     case CapacityFormula::tutel: {
-      const Index base = k * static_cast<Index>(std::abs(cf) * std::ceil(T / N));
+      // k * int(|cf| * ceil(T / N)): the truncation of a nonnegative value, then the product,
+      // both saturated.
+      const Index base =
+          detail::saturating_ceil(kk * std::floor(std::abs(cf) * std::ceil(T / N)));
       Index c;
       if (cf == 0) {
         c = largest_count;
@@ -154,7 +174,7 @@ inline Index expert_capacity(Index tokens, Index num_experts, Index k, const Cap
       } else {
         c = base;
       }
-      return (c + o.alignment - 1) / o.alignment * o.alignment;
+      return detail::saturating_align(c, o.alignment);
     }
     case CapacityFormula::absolute:
       return o.absolute_capacity;

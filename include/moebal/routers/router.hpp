@@ -277,6 +277,7 @@ class Router {
     s_.resize(num_experts);
     v_.resize(num_experts);
     u_.resize(k);
+    raw_.resize(k);
     g_.resize(num_experts);
     drow_.resize(num_experts);
     reader_.resize(num_experts);
@@ -299,7 +300,7 @@ class Router {
       const Compute* row = reader_.read(x.data() + t * x.outerStride(), n_);
       scores_row(function, row, t);
       select_row(row);
-      weights_row(row);
+      weights_row(function, row, t);
       for (Index i = 0; i < k_; ++i) {
         indices(t, i) = selected_[std::size_t(i)];
         weights(t, i) = static_cast<OutW>(u_[i]);
@@ -369,22 +370,41 @@ class Router {
     return sum;
   }
 
-  // u = the k weights of the row (after normalization and scaling); keeps sum_ for backward.
-  void weights_row(const Compute* row) {
+  // u = the k weights of the row (after normalization and scaling); keeps the unnormalized
+  // weights in raw_ and their sum in sum_ for backward. Throws (naming row t) where the weights
+  // are undefined: a softmax over k selected logits that are all -Inf, or a normalization whose
+  // denominator is 0 (every selected score 0 with epsilon 0).
+  void weights_row(const char* function, const Compute* row, Index t) {
     if (options_.weights == RouterWeights::softmax_of_selected) {
       Compute max = -std::numeric_limits<Compute>::infinity();
       for (Index i = 0; i < k_; ++i) max = std::max(max, row[selected_[std::size_t(i)]]);
+      if (max == -std::numeric_limits<Compute>::infinity()) {
+        detail::throw_invalid(function, "logits",
+                              "a finite logit among the k selected experts (softmax_of_selected "
+                              "weights)",
+                              detail::concat("only -Inf selected at row ", t));
+      }
       Compute sum = Compute(0);
       for (Index i = 0; i < k_; ++i) {
-        u_[i] = std::exp(row[selected_[std::size_t(i)]] - max);
-        sum += u_[i];
+        raw_[i] = std::exp(row[selected_[std::size_t(i)]] - max);
+        sum += raw_[i];
       }
-      u_ /= sum;
+      raw_ /= sum;
     } else {
-      for (Index i = 0; i < k_; ++i) u_[i] = s_[selected_[std::size_t(i)]];
+      for (Index i = 0; i < k_; ++i) raw_[i] = s_[selected_[std::size_t(i)]];
     }
-    sum_ = u_.sum();
-    if (options_.normalize) u_ /= denominator();
+    sum_ = raw_.sum();
+    u_ = raw_;
+    if (options_.normalize) {
+      const Compute d = denominator();
+      if (!(d > Compute(0))) {
+        detail::throw_invalid(function, "logits",
+                              "selected scores with a positive sum when normalizing with "
+                              "normalize_epsilon = 0 (set normalize_epsilon > 0)",
+                              detail::concat("a sum of 0 at row ", t));
+      }
+      u_ /= d;
+    }
     u_ *= static_cast<Compute>(options_.scaling_factor);
   }
 
@@ -419,36 +439,32 @@ class Router {
       }
       const Compute* row = reader_.read(x.data() + t * x.outerStride(), n_);
       scores_row(function, row, t);
-      weights_row(row);  // recomputes the pre-normalization weights and their sum
-      // Undo the scaling and normalization to get the unnormalized u.
-      Eigen::Array<Compute, Eigen::Dynamic, 1>& u = u_;
+      weights_row(function, row, t);  // recomputes the unnormalized weights and their sum
+      // w = c u / D with c the scaling and D = sum u + eps (add) or max(sum u, eps) (clamp):
+      // d L / d u_j = (c / D) (g_j - [D varies] sum_i g_i u_i / D). Uses the unnormalized raw_,
+      // never a division by c (c = 0 gives a zero gradient).
       const Compute scaling = static_cast<Compute>(options_.scaling_factor);
       const Compute denominator = options_.normalize ? this->denominator() : Compute(1);
       const bool varies = options_.normalize && denominator_varies();
-      // w = scaling * u / denominator; d L / d u_j = scaling (g_j - sum_i g_i w_i / scaling) / D.
-      Compute gw = Compute(0);
-      for (Index i = 0; i < k_; ++i) gw += dw(t, i) * u[i];  // u here is w (scaled, normalized)
+      Compute gu = Compute(0);
+      if (varies) {
+        for (Index i = 0; i < k_; ++i) gu += dw(t, i) * raw_[i];
+        gu /= denominator;
+      }
       g_.setZero();
       Out* dx = out.data() + t * out.outerStride();
-      // d L / d u (unnormalized weights), per slot.
       for (Index i = 0; i < k_; ++i) {
-        const Compute du = varies ? scaling * (dw(t, i) - gw / scaling) / denominator
-                                  : scaling * dw(t, i) / denominator;
-        g_[selected_[std::size_t(i)]] += du;
+        g_[selected_[std::size_t(i)]] += scaling * (dw(t, i) - gu) / denominator;
       }
       if (options_.weights == RouterWeights::softmax_of_selected) {
-        // u = softmax(x[selected]): d L / d x_sel = p (g - sum g p), p = u / scaling * D.
+        // raw_ = p = softmax(x[selected]): d L / d x_sel = p (g - sum g p).
         Compute gp = Compute(0);
-        for (Index i = 0; i < k_; ++i) {
-          const Index e = selected_[std::size_t(i)];
-          gp += g_[e] * (u[i] * denominator / scaling);
-        }
+        for (Index i = 0; i < k_; ++i) gp += g_[selected_[std::size_t(i)]] * raw_[i];
         // Finished in Compute (drow_), then stored once.
         drow_.setZero();
         for (Index i = 0; i < k_; ++i) {
           const Index e = selected_[std::size_t(i)];
-          const Compute p = u[i] * denominator / scaling;
-          drow_[e] += scale * p * (g_[e] - gp);
+          drow_[e] += scale * raw_[i] * (g_[e] - gp);
         }
         for (Index j = 0; j < n_; ++j) detail::store<Accumulate>(dx[j], drow_[j]);
         continue;
@@ -478,7 +494,7 @@ class Router {
 
   Index n_, k_;
   RouterOptions options_;
-  detail::ScratchArray<Compute> s_, v_, u_, g_, drow_, group_scores_;
+  detail::ScratchArray<Compute> s_, v_, u_, raw_, g_, drow_, group_scores_;
   detail::RowReader<Scalar, Compute> reader_;
   Eigen::Array<Compute, Eigen::Dynamic, 1> bias_compute_;
   std::vector<Index> group_order_;
