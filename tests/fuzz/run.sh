@@ -55,8 +55,24 @@ cmake -S "$here" -B "$build" -DCMAKE_CXX_COMPILER="${CXX:-clang++}" -DMOEBAL_BUI
 cmake --build "$build" -j "${JOBS:-2}" --target "${targets[@]}" \
   || { echo "run.sh: build failed" >&2; exit 1; }
 build="$(cd "$build" && pwd)"
+mkdir -p "$build/logs"
 
 status=0
+# The reproducers of fixed bugs (tests/fuzz/crashes/, every file but the .cpp) must pass first.
+for t in "${targets[@]}"; do
+  [ "$t" = fuzz_api ] || continue
+  repro=()
+  for f in "$here"/crashes/*; do [ "${f##*.}" = cpp ] || repro+=("$f"); done
+  [ ${#repro[@]} -eq 0 ] && continue
+  echo "== $t: replaying ${#repro[@]} reproducers of fixed bugs (tests/fuzz/crashes)"
+  if ! "$build/$t" "${repro[@]}" >"$build/logs/$t.replay.log" 2>&1; then
+    status=1
+    echo "== $t: a fixed bug is back; the report:"
+    grep -E "CHECK FAILED|ERROR:|runtime error|SUMMARY|Running:" "$build/logs/$t.replay.log" | head -20 | sed 's/^/   /'
+  else
+    echo "   all pass"
+  fi
+done
 for t in "${targets[@]}"; do
   name="${t#fuzz_}"  # corpus folder: npy or api
   corpus="$build/corpus/$t"
