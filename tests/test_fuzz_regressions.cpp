@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include <catch2/catch.hpp>
 
@@ -245,4 +246,36 @@ TEST_CASE("fuzz regressions: cv2_load takes bfloat16 and half logits", "[fuzz][c
   CHECK(rh.counts == fh.counts);
   CHECK(rb.counts.sum() == 32 * 2);
   CHECK((rb.grad.array() == 0.0f).all());
+}
+
+TEST_CASE("fuzz regressions: a zero-length mask is a mask of the wrong length, not 'no mask'",
+          "[fuzz][mask]") {
+  // tests/fuzz/README.md: an empty std::vector's data() may be null, so TokenMask(v.data(), 0)
+  // used to be the empty mask and silently count every token. A given mask of length 0 now
+  // fails the length check for T > 0; only TokenMask{} means "every token is real".
+  const RowMatrix<double> x = moebal_test::random_logits(4, 3, 1.0, 1);
+  const std::vector<std::int64_t> none;
+  moebal::SwitchOptions o;
+  o.mask = moebal::TokenMask(static_cast<const std::int64_t*>(nullptr), 0);
+  CHECK_FALSE(o.mask.empty());
+  CHECK_THROWS_WITH(moebal::switch_aux_loss(x, 2, o),
+                    Catch::Contains("argument 'mask'") && Catch::Contains("got length 0"));
+  o.mask = moebal::TokenMask(none.data(), Index(none.size()));
+  CHECK_THROWS_AS(moebal::switch_aux_loss(x, 2, o), moebal::invalid_argument);
+  o.mask = moebal::TokenMask(Eigen::VectorXi());
+  CHECK_THROWS_AS(moebal::switch_aux_loss(x, 2, o), moebal::invalid_argument);
+  o.mask = moebal::TokenMask{};
+  CHECK(o.mask.empty());
+  CHECK_NOTHROW(moebal::switch_aux_loss(x, 2, o));
+}
+
+TEST_CASE("fuzz regressions: route_backward names itself in its errors", "[fuzz][router]") {
+  const RowMatrix<double> x = moebal_test::random_logits(3, 4, 1.0, 1);
+  const moebal::IndexMatrix wrong = moebal::IndexMatrix::Constant(3, 2, 9);
+  CHECK_THROWS_WITH(moebal::route_backward(x, wrong, RowMatrix<double>::Zero(3, 2)),
+                    Catch::StartsWith("moebal::route_backward: argument 'indices'"));
+  moebal::Router<double> router(4, 2);
+  RowMatrix<double> g(3, 4);
+  CHECK_THROWS_WITH(router.backward(x, wrong, RowMatrix<double>::Zero(3, 2), g),
+                    Catch::StartsWith("moebal::Router::backward: argument 'indices'"));
 }

@@ -337,8 +337,8 @@ struct MaskHolder {
 
   explicit MaskHolder(const Case& c) : kind(c.mask_kind), length(c.mask_length) {
     const std::size_t n = std::size_t(length);
-    // Non-null storage even for a length-0 mask: TokenMask(nullptr, 0) is the empty mask
-    // ("every token is real"), TokenMask(p, 0) a mask of the wrong length.
+    // Non-null storage even for a length-0 mask (TokenMask(nullptr, 0) used to be the empty
+    // mask; now any explicit mask of length 0 is a mask of the wrong length).
     i64.reserve(n + 1);
     f32.reserve(n + 1);
     f64.reserve(n + 1);

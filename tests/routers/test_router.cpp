@@ -228,7 +228,7 @@ TEST_CASE("Router: bad input", "[router][errors]") {
                     "+Inf), got nan at row 1, column 1");
   const IndexMatrix wrong = IndexMatrix::Constant(3, 2, 9);
   CHECK_THROWS_WITH(moebal::route_backward(x, wrong, RowMatrix<double>::Zero(3, 2)),
-                    "moebal::Router::backward: argument 'indices': expected expert indices in [0, "
+                    "moebal::route_backward: argument 'indices': expected expert indices in [0, "
                     "8), got 9 at row 0, slot 0");
 }
 

@@ -111,10 +111,13 @@ class TokenMask {
   /// The empty mask: every token is real.
   TokenMask() = default;
 
-  /// A view of `size` elements starting at `data`, `stride` elements apart.
+  /// A view of `size` elements starting at `data`, `stride` elements apart. Always a given
+  /// mask, even of length 0 (`data` may then be null, as an empty `std::vector`'s is): a
+  /// zero-length mask for T > 0 tokens is a mask of the wrong length, never "no mask".
   template <class T>
   TokenMask(const T* data, Index size, Index stride = 1)
-      : data_(data),
+      : given_(true),
+        data_(data),
         size_(size),
         stride_(stride),
         is_real_(&detail::mask_element_is_real<T>),
@@ -147,8 +150,8 @@ class TokenMask {
     }
   }
 
-  /// True when no mask was given (every token is real).
-  bool empty() const noexcept { return data_ == nullptr; }
+  /// True when no mask was given (every token is real): only the default-constructed mask.
+  bool empty() const noexcept { return !given_; }
   /// Number of elements viewed (0 for the empty mask).
   Index size() const noexcept { return size_; }
   /// Whether token `t` is real. The empty mask says yes for every token.
@@ -169,6 +172,7 @@ class TokenMask {
                                                                 : vector.derived().outerStride());
   }
 
+  bool given_ = false;
   const void* data_ = nullptr;
   Index size_ = 0;
   Index stride_ = 1;

@@ -217,7 +217,9 @@ class Router {
   ///   k larger than the experts in the kept groups, a bias of the wrong length, k = 1 with
   ///   softmax_of_selected weights, non-finite factors.
   Router(Index num_experts, Index k, RouterOptions options = {})
-      : Router("moebal::Router", num_experts, k, std::move(options)) {}
+      : Router("moebal::Router", num_experts, k, std::move(options)) {
+    backward_name_ = "moebal::Router::backward";
+  }
 
   Index num_experts() const noexcept { return n_; }
   Index k() const noexcept { return k_; }
@@ -254,7 +256,7 @@ class Router {
                 const Eigen::Ref<const IndexMatrix>& indices,
                 const Eigen::MatrixBase<DerivedG>& dloss_dweights, Out&& dloss_dlogits,
                 Compute scale = Compute(1)) {
-    backward_impl<false>("moebal::Router::backward", detail::RowInput<Scalar>(logits), indices,
+    backward_impl<false>(backward_name_, detail::RowInput<Scalar>(logits), indices,
                          compute_input(dloss_dweights), detail::output_ref<Scalar>(dloss_dlogits),
                          scale);
   }
@@ -272,7 +274,7 @@ class Router {
 
   // Internal: the one-line forms name themselves in error messages.
   Router(const char* function, Index num_experts, Index k, RouterOptions options)
-      : n_(num_experts), k_(k), options_(std::move(options)) {
+      : n_(num_experts), k_(k), options_(std::move(options)), backward_name_(function) {
     detail::check_router_options(function, num_experts, k, options_);
     s_.resize(num_experts);
     v_.resize(num_experts);
@@ -494,6 +496,8 @@ class Router {
 
   Index n_, k_;
   RouterOptions options_;
+  // The name `backward` reports errors under (`route_backward` names itself).
+  const char* backward_name_ = "moebal::Router::backward";
   detail::ScratchArray<Compute> s_, v_, u_, raw_, g_, drow_, group_scores_;
   detail::RowReader<Scalar, Compute> reader_;
   Eigen::Array<Compute, Eigen::Dynamic, 1> bias_compute_;
