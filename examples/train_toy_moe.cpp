@@ -41,6 +41,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -351,104 +352,162 @@ std::string run_label(const Config& c) {
   return label;
 }
 
-RunResult train(const Config& config) {
-  const auto start = std::chrono::steady_clock::now();
-  const Task task(config.seed);
-  Model model(config, config.seed);
-  Adam adam(model.size());
-  std::mt19937_64 data(config.seed * 2654435761ull + 1ull);
-  const Index n = config.experts;
-  const int m = config.micro_batches;
-  const double step_tokens = double(m) * double(config.tokens);
+// One training run's state: the task, the model, the optimizer, moebal's balancing objects and
+// the current step's micro-batches.
+class Trainer {
+ public:
+  explicit Trainer(const Config& config)
+      : config_(config), task_(config.seed), model_(config, config.seed), adam_(model_.size()),
+        data_(config.seed * 2654435761ull + 1ull),
+        micro_(config.experts, kTopK, switch_options(config)),
+        global_(config.experts, kTopK, global_options(config)),
+        balancer_(config.experts, config.bias_rate), bias_(Vector::Zero(config.experts)),
+        xs_(std::size_t(config.micro_batches)), labels_(std::size_t(config.micro_batches)),
+        logits_(std::size_t(config.micro_batches)), indices_(std::size_t(config.micro_batches)),
+        domains_(std::size_t(config.micro_batches)), grad_(model_.size()) {}
 
-  moebal::SwitchOptions micro_options;
-  micro_options.coefficient = config.alpha;
-  moebal::SwitchAuxLoss<double> micro(n, kTopK, micro_options);
-  moebal::GlobalBatchOptions global_options;
-  global_options.coefficient = config.alpha;
-  if (config.method == Method::global_micro) {
-    // The added micro-batch term at weight 0.01 a per micro-batch, divided by M so that it is
-    // 0.01 x the `micro` method's loss (the mean over micro-batches) at the same a.
-    global_options.micro_batch_weight = kGlobalMicroWeight * config.alpha / double(m);
-  }
-  moebal::GlobalBatchBalance<double> global(n, kTopK, global_options);
-  moebal::ExpertBiasBalancer balancer(n, config.bias_rate);
-  Vector bias = Vector::Zero(n);
+  Model& model() { return model_; }
+  const Task& task() const { return task_; }
+  const Vector& gradient() const { return grad_; }
+  const std::vector<Index>& domains() const { return domains_; }
+  const std::vector<moebal::IndexMatrix>& indices() const { return indices_; }
 
-  RunResult result;
-  result.config = config;
-  std::vector<RowMatrix<double>> xs(static_cast<std::size_t>(m));
-  std::vector<std::vector<Index>> labels(static_cast<std::size_t>(m));
-  std::vector<RowMatrix<double>> logits(static_cast<std::size_t>(m));
-  std::vector<Index> domains(static_cast<std::size_t>(m));
-  Vector grad(model.size());
-  RowMatrix<double> dloss_dlogits;
-  moebal::IndexMatrix indices;
-  for (int step = 1; step <= config.steps; ++step) {
-    // The step's micro-batches: M / D of each domain, shuffled.
-    for (int j = 0; j < m; ++j) domains[std::size_t(j)] = Index(j % kDomains);
-    std::shuffle(domains.begin(), domains.end(), data);
+  // Draws the next step's micro-batches: M / D of each domain, in a random order.
+  void sample_step() {
+    const int m = config_.micro_batches;
+    for (int j = 0; j < m; ++j) domains_[std::size_t(j)] = Index(j % kDomains);
+    std::shuffle(domains_.begin(), domains_.end(), data_);
     for (int j = 0; j < m; ++j) {
-      task.sample(domains[std::size_t(j)], config.tokens, data, xs[std::size_t(j)],
-                  labels[std::size_t(j)]);
-      logits[std::size_t(j)] = model.logits(xs[std::size_t(j)]);
+      task_.sample(domains_[std::size_t(j)], config_.tokens, data_, xs_[std::size_t(j)],
+                   labels_[std::size_t(j)]);
     }
-    if (config.method == Method::bias) model.router().set_expert_bias(bias);
-    if (config.method == Method::global || config.method == Method::global_micro) {
+  }
+
+  // The step's objective, task cross-entropy (mean over the step's tokens) + balance loss, at
+  // the current parameters; writes its gradient into gradient(). Returns the per-micro-batch
+  // task results and the balance loss's value in *balance.
+  std::vector<BatchResult> objective(double* task_loss, double* balance) {
+    const int m = config_.micro_batches;
+    const double step_tokens = double(m) * double(config_.tokens);
+    for (int j = 0; j < m; ++j) logits_[std::size_t(j)] = model_.logits(xs_[std::size_t(j)]);
+    if (config_.method == Method::bias) model_.router().set_expert_bias(bias_);
+    if (config_.method == Method::global || config_.method == Method::global_micro) {
       // Phase 1: the counts of every micro-batch of the step; one process, so the all-reduce
       // is the identity (under data parallelism it would be MPI/NCCL/Gloo's SUM).
-      global.reset();
-      for (const auto& l : logits) global.count(l);
-      global.synchronize(moebal::NoSync{});
+      global_.reset();
+      for (const auto& l : logits_) global_.count(l);
+      global_.synchronize(moebal::NoSync{});
     }
-    grad.setZero();
-    StepRecord record;
-    record.step = step;
-    RowMatrix<double> table = RowMatrix<double>::Zero(kDomains, n);
-    Vector step_counts = Vector::Zero(n), domain_tokens = Vector::Zero(kDomains);
+    grad_.setZero();
+    *balance = 0;
     double loss_sum = 0;
-    Index correct = 0;
+    std::vector<BatchResult> results;
     for (int j = 0; j < m; ++j) {
-      const RowMatrix<double>& l = logits[std::size_t(j)];
-      dloss_dlogits.resize(l.rows(), l.cols());
-      switch (config.method) {
+      const RowMatrix<double>& l = logits_[std::size_t(j)];
+      dloss_dlogits_.resize(l.rows(), l.cols());
+      switch (config_.method) {
         case Method::micro:
-          // Mean over the step's micro-batches: scale 1 / M.
-          record.balance_loss +=
-              micro.forward_backward(l, dloss_dlogits, {}, 1.0 / double(m)) / double(m);
+          // The mean over the step's micro-batches: scale 1 / M.
+          *balance += micro_.forward_backward(l, dloss_dlogits_, {}, 1.0 / double(m)) / double(m);
           break;
         case Method::global:
         case Method::global_micro:
           // Phase 2: this micro-batch's share of the global-batch loss, and its gradient.
-          record.balance_loss += global.forward_backward(l, dloss_dlogits);
+          *balance += global_.forward_backward(l, dloss_dlogits_);
           break;
         case Method::none:
         case Method::bias:
-          dloss_dlogits.setZero();
+          dloss_dlogits_.setZero();
           break;
       }
-      const BatchResult r = model.task(xs[std::size_t(j)], labels[std::size_t(j)], l, indices,
-                                       dloss_dlogits, &grad, 1.0 / step_tokens);
-      if (config.method == Method::bias) balancer.add_selections(indices);
-      const Index d = domains[std::size_t(j)];
-      loss_sum += r.loss_sum;
+      results.push_back(model_.task(xs_[std::size_t(j)], labels_[std::size_t(j)], l,
+                                    indices_[std::size_t(j)], dloss_dlogits_, &grad_,
+                                    1.0 / step_tokens));
+      loss_sum += results.back().loss_sum;
+    }
+    *task_loss = loss_sum / step_tokens;
+    return results;
+  }
+
+  // One optimizer step on the current micro-batches; returns its record.
+  StepRecord step(int step) {
+    const int m = config_.micro_batches;
+    const Index n = config_.experts;
+    StepRecord record;
+    record.step = step;
+    const std::vector<BatchResult> results = objective(&record.task_loss, &record.balance_loss);
+    adam_.step(model_.parameters(), grad_, config_.learning_rate);
+    if (config_.method == Method::bias) {
+      // After the step, from the step's counts (DeepSeek-V3; Megatron-core updates the bias
+      // once per optimizer step).
+      for (const auto& idx : indices_) balancer_.add_selections(idx);
+      balancer_.update(bias_);
+    }
+    RowMatrix<double> table = RowMatrix<double>::Zero(kDomains, n);
+    Vector step_counts = Vector::Zero(n), domain_tokens = Vector::Zero(kDomains);
+    Index correct = 0;
+    for (int j = 0; j < m; ++j) {
+      const BatchResult& r = results[std::size_t(j)];
+      const Index d = domains_[std::size_t(j)];
       correct += r.correct;
       table.row(d) += r.counts.transpose();
-      domain_tokens[d] += double(config.tokens);
+      domain_tokens[d] += double(config_.tokens);
       step_counts += r.counts;
       record.tokens_std_micro += population_std(r.counts) / double(m);
       record.max_vio_micro += moebal::balance_metrics(r.counts).max_vio / double(m);
     }
-    adam.step(model.parameters(), grad, config.learning_rate);
-    if (config.method == Method::bias) balancer.update(bias);  // after the step, from its counts
-
-    record.task_loss = loss_sum / step_tokens;
-    record.accuracy = double(correct) / step_tokens;
+    record.accuracy = double(correct) / (double(m) * double(config_.tokens));
     record.tokens_std_global = population_std(step_counts);
     record.max_vio_global = moebal::balance_metrics(step_counts).max_vio;
     record.nmi = moebal::specialization_metrics(table).normalized_mutual_information;
     record.frequency = frequencies(table, domain_tokens);
-    result.steps.push_back(record);
+    return record;
+  }
+
+ private:
+  static moebal::SwitchOptions switch_options(const Config& c) {
+    moebal::SwitchOptions o;
+    o.coefficient = c.alpha;
+    return o;
+  }
+  static moebal::GlobalBatchOptions global_options(const Config& c) {
+    moebal::GlobalBatchOptions o;
+    o.coefficient = c.alpha;
+    if (c.method == Method::global_micro) {
+      // The added micro-batch term at weight 0.01 a per micro-batch, divided by M so that it
+      // is 0.01 x the `micro` method's loss (the mean over micro-batches) at the same a.
+      o.micro_batch_weight = kGlobalMicroWeight * c.alpha / double(c.micro_batches);
+    }
+    return o;
+  }
+
+  Config config_;
+  Task task_;
+  Model model_;
+  Adam adam_;
+  std::mt19937_64 data_;
+  moebal::SwitchAuxLoss<double> micro_;
+  moebal::GlobalBatchBalance<double> global_;
+  moebal::ExpertBiasBalancer balancer_;
+  Vector bias_;
+  std::vector<RowMatrix<double>> xs_;
+  std::vector<std::vector<Index>> labels_;
+  std::vector<RowMatrix<double>> logits_;
+  std::vector<moebal::IndexMatrix> indices_;
+  std::vector<Index> domains_;
+  Vector grad_;
+  RowMatrix<double> dloss_dlogits_;
+};
+
+RunResult train(const Config& config) {
+  const auto start = std::chrono::steady_clock::now();
+  Trainer trainer(config);
+  RunResult result;
+  result.config = config;
+  for (int step = 1; step <= config.steps; ++step) {
+    trainer.sample_step();
+    result.steps.push_back(trainer.step(step));
+    const StepRecord& record = result.steps.back();
     if (config.progress_every > 0 && (step % config.progress_every == 0 || step == config.steps)) {
       std::fprintf(stderr,
                    "  [%-18s] step %5d/%d  task loss %.4f  acc %.3f  std tokens/expert %6.2f  "
@@ -457,10 +516,50 @@ RunResult train(const Config& config) {
                    record.accuracy, record.tokens_std_micro, record.max_vio_global, record.nmi);
     }
   }
-  result.eval = evaluate(model, task, config);
+  result.eval = evaluate(trainer.model(), trainer.task(), config);
   result.seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
+}
+
+// Central differences of the step objective (task + balance loss, counts held fixed) against
+// the hand-written gradient, on `probes` random parameters after `warmup` training steps.
+// Returns the largest relative error max |fd - g| / max(|fd|, |g|, 1e-6).
+double gradient_check(Config config, int warmup, int probes) {
+  config.progress_every = 0;
+  Trainer trainer(config);
+  for (int step = 1; step <= warmup; ++step) {
+    trainer.sample_step();
+    trainer.step(step);
+  }
+  trainer.sample_step();
+  double task = 0, balance = 0;
+  trainer.objective(&task, &balance);
+  const Vector analytic = trainer.gradient();
+  const std::vector<moebal::IndexMatrix> routing = trainer.indices();
+  std::mt19937_64 engine(config.seed + 99);
+  std::uniform_int_distribution<Index> pick(0, trainer.model().size() - 1);
+  Vector& theta = trainer.model().parameters();
+  double worst = 0;
+  const double h = 1e-6;
+  for (int p = 0; p < probes; ++p) {
+    const Index i = pick(engine);
+    const double saved = theta[i];
+    double plus = 0, minus = 0, t = 0, b = 0;
+    theta[i] = saved + h;
+    trainer.objective(&t, &b);
+    plus = t + b;
+    const bool same_plus = trainer.indices() == routing;
+    theta[i] = saved - h;
+    trainer.objective(&t, &b);
+    minus = t + b;
+    const bool same_minus = trainer.indices() == routing;
+    theta[i] = saved;
+    if (!same_plus || !same_minus) continue;  // a top-k switch: no derivative there
+    const double fd = (plus - minus) / (2 * h), g = analytic[i];
+    worst = std::max(worst, std::abs(fd - g) / std::max({std::abs(fd), std::abs(g), 1e-6}));
+  }
+  return worst;
 }
 
 // ---- output -----------------------------------------------------------------------------------
@@ -768,7 +867,7 @@ const char* const kUsage =
     "                      a = 0.001, 0.01, 0.1, 1; bias. Writes DIR/<run>.csv, DIR/summary.csv\n"
     "                      and the figures DIR/tokens_std.svg, DIR/domain_expert.svg,\n"
     "                      DIR/task_loss.svg; prints a summary table\n"
-    "  --out DIR           output directory of --all (must exist; default .)\n"
+    "  --out DIR           output directory of --all, created if missing (default .)\n"
     "  --seeds K           --all: repeat every configuration for seeds N..N+K-1 and report\n"
     "                      mean +- std in the table and summary.csv (1); per-step CSVs and\n"
     "                      figures show seed N\n"
@@ -909,6 +1008,16 @@ int check(Config base) {
   std::snprintf(line, sizeof line, "specialization (NMI) of global a=0.1 %.3f > micro a=0.1 %.3f",
                 global.eval.nmi, micro.eval.nmi);
   expect(global.eval.nmi > micro.eval.nmi, line);
+  // The hand-written backward against central differences, for each balance loss.
+  for (Method m : {Method::none, Method::micro, Method::global, Method::global_micro}) {
+    Config g = base;
+    g.method = m;
+    g.alpha = 0.1;
+    const double error = gradient_check(g, 20, 40);
+    std::snprintf(line, sizeof line, "gradient of task + %s balance loss against central "
+                  "differences: max relative error %.2e < 1e-5", method_name(m), error);
+    expect(error < 1e-5, line);
+  }
   // CSVs: well formed and reproducible byte for byte.
   const std::string a = "train_toy_moe_check_a.csv", b = "train_toy_moe_check_b.csv";
   write_csv(micro, a);
@@ -958,6 +1067,9 @@ int main(int argc, char** argv) {
       return 0;
     }
     const auto start = std::chrono::steady_clock::now();
+    std::error_code error;
+    std::filesystem::create_directories(options.out, error);
+    if (error) throw std::runtime_error("cannot create '" + options.out + "': " + error.message());
     std::vector<std::vector<RunResult>> by_seed;
     for (int s = 0; s < options.seeds; ++s) {
       Config base = options.config;
