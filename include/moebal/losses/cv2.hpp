@@ -125,13 +125,15 @@ inline double cv2_and_gradient(const Eigen::VectorXd& v, Cv2Variance variance, d
     // Population CV^2 is scale-invariant: evaluate it on v / m, m = max |v_i|, so that mu^2 and
     // mu^3 cannot underflow for tiny importances (sigmoid scores of logits near -700), and
     // scale the gradient back by 1 / m (L(v) = L(v / m) for the fixed m).
+    // No temporaries: the loss objects must not allocate in steady state.
     const double m = v.cwiseAbs().maxCoeff();
     if (m == 0.0) return 0.0;
-    const Eigen::ArrayXd u = v.array() / m;
-    const double mu = u.mean();
+    const double mu = (v.array() / m).mean();
     if (mu == 0.0) return 0.0;
-    const double var = (u - mu).square().sum() / n;
-    h = (a / m * ((2.0 / n) * (u - mu) / (mu * mu) - 2.0 * var / (n * mu * mu * mu))).matrix();
+    const double var = (v.array() / m - mu).square().sum() / n;
+    h = (a / m * ((2.0 / n) * (v.array() / m - mu) / (mu * mu) -
+                  2.0 * var / (n * mu * mu * mu)))
+            .matrix();
     return a * var / (mu * mu);
   }
   const double mu = v.mean();
