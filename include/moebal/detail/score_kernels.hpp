@@ -86,36 +86,98 @@ inline const C kLogSmallestNormal = std::log(std::numeric_limits<C>::min());
 template <class C>
 inline constexpr C kSigmoidNormEps = C(1e-20);
 
-/// Computes raw_j for one row of n logits into `raw` (size n) and the row's normalizer.
-/// Returns false if the row is not a valid input: a NaN or +Inf logit, or (softmax) every
-/// logit -Inf.
+/// Width of the fixed-size blocks the row kernels compute in. Every element of a row goes
+/// through Eigen's vectorized exp in a block of this size (the last block padded), whatever
+/// the row's length and address, so any pass rebuilds a row's scores bitwise; a dynamic-size
+/// Eigen expression would instead compute a head or tail with the scalar std::exp, and a row
+/// shorter than one packet (8 experts under AVX-512) entirely so.
+inline constexpr Index kRowBlock = 8;
+
+template <class C>
+using RowBlock = Eigen::Array<C, kRowBlock, 1>;
+
+/// Block of kRowBlock values at x (unaligned), converted to C.
+template <class C, class S>
+RowBlock<C> load_block(const S* x) {
+  return Eigen::Map<const Eigen::Array<S, kRowBlock, 1>>(x).template cast<C>();
+}
+
+/// The first `count` (< kRowBlock) values at x, converted to C, the other lanes set to pad.
+template <class C, class S>
+RowBlock<C> load_partial(const S* x, Index count, C pad) {
+  RowBlock<C> b = RowBlock<C>::Constant(pad);
+  for (Index l = 0; l < count; ++l) b[l] = static_cast<C>(x[l]);
+  return b;
+}
+
+/// Writes the first `count` lanes of b to out.
+template <class C>
+void store_partial(const RowBlock<C>& b, C* out, Index count) {
+  for (Index l = 0; l < count; ++l) out[l] = b[l];
+}
+
+/// Computes raw_j for one row of n logits into raw[0..n) (any address; it may be the row of
+/// the caller's output buffer, even the logits' own row: each block is read before it is
+/// written) and the row's normalizer. Returns false if the row is not a valid input: a NaN or
+/// +Inf logit, or (softmax) every logit -Inf. The sum over the row is the 8-lane sum of
+/// `lane_sum` (the same rounding).
 template <class S, class C>
-bool raw_scores(const S* x, Index n, ScoreFunction score, ScratchArray<C>& raw, RowNorm<C>& norm) {
-  MOEBAL_ASSERT(raw.size() == n);
-  const Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>> xs(x, n);
-  const C max = static_cast<C>(xs.maxCoeff());
+bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>& norm) {
+  static_assert(kRowBlock == kReduceLanes, "the row blocks are the reduction's lanes");
+  using Block = RowBlock<C>;
+  using Out = Eigen::Map<Block>;
+  constexpr C minus_inf = -std::numeric_limits<C>::infinity();
+  const Index full = n - n % kRowBlock, rest = n - full;
+  Block m = Block::Constant(minus_inf);
+  for (Index j = 0; j < full; j += kRowBlock) m = m.max(load_block<C>(x + j));
+  if (rest > 0) m = m.max(load_partial<C>(x + full, rest, minus_inf));
+  const C max = m.maxCoeff();
+  Block lanes = Block::Zero();
   if (score == ScoreFunction::softmax) {
     // Eigen 3.4's vectorized exp returns a tiny positive floor (about 3e-39 in float) for
     // arguments below the normal range, -Inf included. Below log(smallest normal) the result is
     // flushed to exactly 0 instead, so -Inf logits get probability 0 as in PyTorch (the values
-    // replaced are below 1.2e-38 in float, 2.3e-308 in double).
-    raw = (xs.template cast<C>() - max).exp();
+    // replaced are below 1.2e-38 in float, 2.3e-308 in double). Padding lanes get -Inf: 0.
     const C lowest = kLogSmallestNormal<C>;
-    C* r = raw.data();
-    for (Index j = 0; j < n; ++j) {
-      r[j] = static_cast<C>(x[j]) - max < lowest ? C(0) : r[j];
-    }
-    const C sum = lane_sum(raw.data(), n);
+    auto block = [&](const Block& xb) {
+      const Block d = xb - max;
+      Block e = d.exp();
+      for (Index l = 0; l < kRowBlock; ++l) e[l] = d[l] < lowest ? C(0) : e[l];
+      lanes += e;
+      return e;
+    };
+    for (Index j = 0; j < full; j += kRowBlock) Out(raw + j) = block(load_block<C>(x + j));
+    if (rest > 0) store_partial<C>(block(load_partial<C>(x + full, rest, minus_inf)), raw + full, rest);
+    const C sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                  ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
     // NaN, +Inf (inf - inf) and an all -Inf row (-inf - -inf) all make the sum NaN.
     norm.shift = max;
     norm.inv = C(1) / sum;
     return std::isfinite(sum) && sum > C(0);
   }
-  raw = (C(1) + (-xs.template cast<C>()).exp()).inverse();
-  const C sum = lane_sum(raw.data(), n);
+  for (Index j = 0; j < full; j += kRowBlock) {
+    const Block r = (C(1) + (-load_block<C>(x + j)).exp()).inverse();
+    lanes += r;
+    Out(raw + j) = r;
+  }
+  if (rest > 0) {
+    Block r = (C(1) + (-load_partial<C>(x + full, rest, C(0))).exp()).inverse();
+    for (Index l = rest; l < kRowBlock; ++l) r[l] = C(0);
+    lanes += r;
+    store_partial<C>(r, raw + full, rest);
+  }
+  const C sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
   norm.shift = C(0);
   norm.inv = C(1) / (sum + kSigmoidNormEps<C>);
   return std::isfinite(sum) && max != std::numeric_limits<C>::infinity();
+}
+
+/// `raw_scores_to` into an aligned scratch array of size n.
+template <class S, class C>
+bool raw_scores(const S* x, Index n, ScoreFunction score, ScratchArray<C>& raw, RowNorm<C>& norm) {
+  MOEBAL_ASSERT(raw.size() == n);
+  return raw_scores_to(x, n, score, raw.data(), norm);
 }
 
 /// Builds the message for a row that `raw_scores` rejected and throws it.

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -80,9 +81,10 @@ inline constexpr Index kTopkLanes = 8;
 inline constexpr Index kThresholdTopkMaxK = 16;
 
 /// The threshold method's search with a compile-time bound K >= k on the lane-list depth (so
-/// the lane lists live in registers when K is small). See `topk_threshold`.
+/// the lane lists live in registers when K is small): writes tau, the k-th largest value
+/// counted with multiplicity, and top, the largest. No verification (see `topk_threshold`).
 template <Index K, class C>
-bool topk_threshold_fixed(const C* q, Index n, Index k, C& tau, C& top) {
+void topk_threshold_search(const C* q, Index n, Index k, C& tau, C& top) {
   using Block = Eigen::Array<C, kTopkLanes, 1>;
   constexpr C lowest = -std::numeric_limits<C>::infinity();
   Block best[K];
@@ -101,28 +103,61 @@ bool topk_threshold_fixed(const C* q, Index n, Index k, C& tau, C& top) {
     for (Index l = 0; j + l < n; ++l) tail[l] = q[j + l];
     insert(tail);
   }
-  // Merge the 8 sorted lane lists: k rounds of "take the largest lane head".
+  top = best[0].maxCoeff();
+  if (k == 1) {
+    tau = top;
+    return;
+  }
+  // Merge the 8 sorted lane lists: k rounds of "take the largest lane head" (the first lane
+  // holding it; which one does not matter, only the values taken do).
   Index depth[kTopkLanes] = {};
+  tau = top;
   for (Index round = 0; round < k; ++round) {
     Index lane = 0;
     C value = lowest;
     for (Index l = 0; l < kTopkLanes; ++l) {
       const C head = depth[l] < k ? best[depth[l]][l] : lowest;
-      if (head > value) {
-        value = head;
-        lane = l;
-      }
+      const bool higher = head > value;
+      value = higher ? head : value;
+      lane = higher ? l : lane;
     }
     ++depth[lane];
     tau = value;
   }
-  top = best[0].maxCoeff();
+}
+
+/// The threshold method with its verification: see `topk_threshold`.
+template <Index K, class C>
+bool topk_threshold_fixed(const C* q, Index n, Index k, C& tau, C& top) {
+  topk_threshold_search<K>(q, n, k, tau, top);
   Index selected = 0, at_top = 0;
   for (Index i = 0; i < n; ++i) {
     selected += q[i] >= tau ? 1 : 0;
     at_top += q[i] == top ? 1 : 0;
   }
   return selected == k && at_top == 1;
+}
+
+/// Calls f(std::integral_constant<Index, K>{}) with the lane-list depth K used for k
+/// (k <= kThresholdTopkMaxK): 1, 2, 4, 8 or 16.
+template <class F>
+decltype(auto) with_topk_depth(Index k, F&& f) {
+  switch (k) {
+    case 1:
+      return f(std::integral_constant<Index, 1>{});
+    case 2:
+      return f(std::integral_constant<Index, 2>{});
+    case 3:
+    case 4:
+      return f(std::integral_constant<Index, 4>{});
+    case 5:
+    case 6:
+    case 7:
+    case 8:
+      return f(std::integral_constant<Index, 8>{});
+    default:
+      return f(std::integral_constant<Index, kThresholdTopkMaxK>{});
+  }
 }
 
 /// The threshold method's search, for k <= kThresholdTopkMaxK. Each of 8 lanes keeps its k
