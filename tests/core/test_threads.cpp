@@ -4,6 +4,7 @@
 // first bad row whatever the thread count.
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -182,5 +183,50 @@ TEST_CASE("threads: the first bad row is reported whatever the thread count",
     CHECK_THROWS_WITH(moebal::switch_aux_loss(x, 2), Catch::Contains("row 700, column 5"));
     // The object is usable again after the failed call.
     CHECK(loss.forward_backward(x.topRows(600), grad.topRows(600)) > 0.0f);
+  }
+}
+
+TEMPLATE_TEST_CASE("threads: the z-loss is bitwise identical on 1, 2 and 4 threads",
+                   "[threads][determinism][z]", float, double) {
+  using T = TestType;
+  const Index rows = 2600;
+  for (const Index cols : {Index(16), Index(7)}) {
+    RowMatrix<T> x = threaded_logits<T>(rows, cols, 21u + unsigned(cols));
+    x(9, 2) = -std::numeric_limits<T>::infinity();  // a disabled expert
+    const Eigen::VectorXi mask_values = threaded_mask(rows);
+    for (const bool masked : {false, true}) {
+      INFO("N = " << cols << ", masked = " << masked);
+      const moebal::TokenMask mask = masked ? moebal::TokenMask(mask_values) : moebal::TokenMask();
+      auto run = [&] {
+        moebal::ZLoss<T> z(0.01);
+        std::pair<T, RowMatrix<T>> r;
+        r.first = z.forward(x, mask);
+        r.second = RowMatrix<T>::Constant(rows, cols, T(0.25));
+        z.backward_accumulate(x, r.second, T(3));
+        RowMatrix<T> written(rows, cols);
+        z.backward(x, written);
+        r.second += written;
+        moebal::ZLossOptions options;
+        options.coefficient = 0.01;
+        options.mask = mask;
+        const auto one_line = moebal::z_loss(x, options);
+        CHECK(one_line.loss == r.first);
+        CHECK(one_line.grad == written);
+        return r;
+      };
+      std::pair<T, RowMatrix<T>> reference;
+      {
+        ThreadScope scope(1);
+        reference = run();
+      }
+      CHECK(reference.first > T(0));
+      for (const int threads : kThreadCounts) {
+        INFO("threads = " << threads);
+        ThreadScope scope(threads);
+        const auto got = run();
+        CHECK(got.first == reference.first);
+        CHECK(got.second == reference.second);
+      }
+    }
   }
 }

@@ -3,14 +3,21 @@
 
 // Internal: chunked loops over tokens on OpenMP threads, deterministic for any thread count.
 //
-// Tokens are split into chunks of a fixed number of rows. `for_chunks_ordered` runs
-// body(thread, chunk) on the threads (round-robin, chunk c on thread c % threads) and then
-// combine(thread, chunk) strictly in chunk order (an OpenMP `ordered` region), so a sum built by
-// `combine` is rounded exactly as the sequential loop rounds it: bitwise identical for any
-// thread count, with O(N x threads) memory for the partials. `for_chunks` runs independent
-// chunks (per-row outputs) with a static schedule. Without OpenMP both are plain loops.
-// An exception thrown by body or combine does not cross the parallel region: the one of the
-// lowest chunk is rethrown after it (the one the sequential loop would have thrown first).
+// Tokens are split into chunks of a fixed number of rows, and the chunks into at most
+// kMaxBlocks blocks of consecutive chunks; the partition depends on T alone. A sum over tokens
+// is built as: rows into a chunk partial, chunks in order into their block's partial, blocks in
+// order into the total (after the parallel loop). Each block is computed by one thread from
+// start to end, so every partial rounds the same way whatever the thread count, and the threads
+// never wait for each other inside the loop (one barrier at its end). Sums of integers (counts)
+// are exact in double and may be combined per thread. Memory: O(N) per thread plus
+// O(N x kMaxBlocks) for the block partials.
+//
+// `for_chunks_ordered` is the stricter form: the chunks' partials combined in chunk order
+// through an OpenMP `ordered` region (the sequential fold itself), at the price of one
+// hand-over between threads per chunk. `for_chunks` runs independent chunks (per-row outputs)
+// with a static schedule. Without OpenMP all are plain loops.
+// An exception thrown inside a loop does not cross the parallel region: the one of the lowest
+// block or chunk is rethrown after it (the one the sequential loop would have thrown first).
 
 #include <algorithm>
 #include <exception>
@@ -95,6 +102,52 @@ void for_chunks_ordered(Index chunks, int threads, Body&& body, Combine&& combin
     body(0, c);
     combine(0, c);
   }
+#endif
+}
+
+/// At most this many blocks of consecutive chunks per call (see the file comment).
+inline constexpr Index kMaxBlocks = 64;
+
+/// The fixed partition of `chunks` chunks into blocks of `per_block` consecutive chunks.
+struct BlockPartition {
+  explicit BlockPartition(Index chunk_count)
+      : chunks(chunk_count),
+        per_block(std::max<Index>(1, (chunk_count + kMaxBlocks - 1) / kMaxBlocks)),
+        blocks((chunk_count + per_block - 1) / per_block) {}
+  Index begin(Index block) const { return block * per_block; }
+  Index end(Index block) const { return std::min(chunks, (block + 1) * per_block); }
+
+  Index chunks;
+  Index per_block;
+  Index blocks;
+};
+
+/// body(thread, block) for every block of the partition on `threads` threads (static
+/// schedule: each block on one thread). The lowest throwing block's exception is rethrown.
+template <class Body>
+void for_blocks(const BlockPartition& partition, int threads, Body&& body) {
+  const Index blocks = partition.blocks;
+  if (threads <= 1 || blocks <= 1) {
+    for (Index b = 0; b < blocks; ++b) body(0, b);
+    return;
+  }
+#ifdef _OPENMP
+  ChunkErrors errors;
+#pragma omp parallel num_threads(threads)
+  {
+    const int thread = omp_get_thread_num();
+#pragma omp for schedule(static)
+    for (Index b = 0; b < blocks; ++b) {
+      try {
+        body(thread, b);
+      } catch (...) {
+        errors.record(b, std::current_exception());
+      }
+    }
+  }
+  errors.rethrow();
+#else
+  for (Index b = 0; b < blocks; ++b) body(0, b);
 #endif
 }
 

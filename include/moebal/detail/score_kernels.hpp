@@ -86,34 +86,65 @@ inline const C kLogSmallestNormal = std::log(std::numeric_limits<C>::min());
 template <class C>
 inline constexpr C kSigmoidNormEps = C(1e-20);
 
-/// Width of the fixed-size blocks the row kernels compute in. Every element of a row goes
-/// through Eigen's vectorized exp in a block of this size (the last block padded), whatever
-/// the row's length and address, so any pass rebuilds a row's scores bitwise; a dynamic-size
-/// Eigen expression would instead compute a head or tail with the scalar std::exp, and a row
-/// shorter than one packet (8 experts under AVX-512) entirely so.
+/// Width of the fixed-size blocks the row kernels compute in: the 8 lanes of the fixed-order
+/// reductions (detail/reduce.hpp) and of the threshold top-k.
 inline constexpr Index kRowBlock = 8;
+
+/// Width of the blocks the exponentials are computed in: every element of a row goes through
+/// Eigen's vectorized exp in a block of this size (the last block padded), whatever the row's
+/// length and address, so any pass rebuilds a row's scores bitwise. A dynamic-size Eigen
+/// expression would instead compute a head or tail with the scalar std::exp (and a row shorter
+/// than one packet, 8 experts under AVX-512, entirely so). Two packets of AVX-512 floats when
+/// the build enables AVX-512, else 8 (one AVX packet, two SSE packets).
+#ifdef EIGEN_VECTORIZE_AVX512
+inline constexpr Index kExpBlock = 16;
+#else
+inline constexpr Index kExpBlock = 8;
+#endif
+static_assert(kExpBlock % kRowBlock == 0, "exp blocks are made of whole row blocks");
 
 template <class C>
 using RowBlock = Eigen::Array<C, kRowBlock, 1>;
+template <class C>
+using ExpBlock = Eigen::Array<C, kExpBlock, 1>;
 
-/// Block of kRowBlock values at x (unaligned), converted to C.
-template <class C, class S>
-RowBlock<C> load_block(const S* x) {
-  return Eigen::Map<const Eigen::Array<S, kRowBlock, 1>>(x).template cast<C>();
+/// Block of B values at x (unaligned), converted to C.
+template <class C, Index B = kRowBlock, class S>
+Eigen::Array<C, B, 1> load_block(const S* x) {
+  return Eigen::Map<const Eigen::Array<S, B, 1>>(x).template cast<C>();
 }
 
-/// The first `count` (< kRowBlock) values at x, converted to C, the other lanes set to pad.
-template <class C, class S>
-RowBlock<C> load_partial(const S* x, Index count, C pad) {
-  RowBlock<C> b = RowBlock<C>::Constant(pad);
+/// The first `count` (< B) values at x, converted to C, the other lanes set to pad.
+template <class C, Index B = kRowBlock, class S>
+Eigen::Array<C, B, 1> load_partial(const S* x, Index count, C pad) {
+  Eigen::Array<C, B, 1> b = Eigen::Array<C, B, 1>::Constant(pad);
   for (Index l = 0; l < count; ++l) b[l] = static_cast<C>(x[l]);
   return b;
 }
 
 /// Writes the first `count` lanes of b to out.
-template <class C>
-void store_partial(const RowBlock<C>& b, C* out, Index count) {
+template <class C, int B>
+void store_partial(const Eigen::Array<C, B, 1>& b, C* out, Index count) {
   for (Index l = 0; l < count; ++l) out[l] = b[l];
+}
+
+/// One block of raw values from logits xb: exp(xb - max) flushed to 0 below log(smallest
+/// normal) (softmax), or 1 / (1 + exp(-xb)) (sigmoid). Lanes are independent, so a value
+/// computed alone (broadcast in a block) equals the same value computed inside a row.
+template <class C>
+ExpBlock<C> raw_block(const ExpBlock<C>& xb, C max, ScoreFunction score) {
+  if (score == ScoreFunction::softmax) {
+    // Eigen 3.4's vectorized exp returns a tiny positive floor (about 3e-39 in float) for
+    // arguments below the normal range, -Inf included. Below log(smallest normal) the result is
+    // flushed to exactly 0 instead, so -Inf logits get probability 0 as in PyTorch (the values
+    // replaced are below 1.2e-38 in float, 2.3e-308 in double).
+    const C lowest = kLogSmallestNormal<C>;
+    const ExpBlock<C> d = xb - max;
+    ExpBlock<C> e = d.exp();
+    for (Index l = 0; l < kExpBlock; ++l) e[l] = d[l] < lowest ? C(0) : e[l];
+    return e;
+  }
+  return (C(1) + (-xb).exp()).inverse();
 }
 
 /// Computes raw_j for one row of n logits into raw[0..n) (any address; it may be the row of
@@ -124,50 +155,45 @@ void store_partial(const RowBlock<C>& b, C* out, Index count) {
 template <class S, class C>
 bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>& norm) {
   static_assert(kRowBlock == kReduceLanes, "the row blocks are the reduction's lanes");
-  using Block = RowBlock<C>;
+  using Block = ExpBlock<C>;
   using Out = Eigen::Map<Block>;
   constexpr C minus_inf = -std::numeric_limits<C>::infinity();
-  const Index full = n - n % kRowBlock, rest = n - full;
-  Block m = Block::Constant(minus_inf);
-  for (Index j = 0; j < full; j += kRowBlock) m = m.max(load_block<C>(x + j));
-  if (rest > 0) m = m.max(load_partial<C>(x + full, rest, minus_inf));
-  const C max = m.maxCoeff();
-  Block lanes = Block::Zero();
+  C max = C(0);
+  {
+    // First pass, in 8-blocks: the maximum.
+    const Index full8 = n - n % kRowBlock, rest8 = n - full8;
+    RowBlock<C> m = RowBlock<C>::Constant(minus_inf);
+    for (Index j = 0; j < full8; j += kRowBlock) {
+      m = m.max(load_block<C>(x + j));
+    }
+    if (rest8 > 0) m = m.max(load_partial<C>(x + full8, rest8, minus_inf));
+    max = m.maxCoeff();
+  }
+  const Index full = n - n % kExpBlock, rest = n - full;
+  RowBlock<C> lanes = RowBlock<C>::Zero();
+  auto add_lanes = [&](const Block& r) {
+    for (Index h = 0; h < kExpBlock; h += kRowBlock) lanes += r.template segment<kRowBlock>(h);
+  };
+  for (Index j = 0; j < full; j += kExpBlock) {
+    const Block r = raw_block<C>(load_block<C, kExpBlock>(x + j), max, score);
+    add_lanes(r);
+    Out(raw + j) = r;
+  }
+  if (rest > 0) {
+    // Padding lanes: -Inf gives 0 for softmax; the sigmoid's are zeroed before the sum.
+    Block r = raw_block<C>(load_partial<C, kExpBlock>(x + full, rest, minus_inf), max, score);
+    for (Index l = rest; l < kExpBlock; ++l) r[l] = C(0);
+    add_lanes(r);
+    store_partial(r, raw + full, rest);
+  }
+  const C sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
   if (score == ScoreFunction::softmax) {
-    // Eigen 3.4's vectorized exp returns a tiny positive floor (about 3e-39 in float) for
-    // arguments below the normal range, -Inf included. Below log(smallest normal) the result is
-    // flushed to exactly 0 instead, so -Inf logits get probability 0 as in PyTorch (the values
-    // replaced are below 1.2e-38 in float, 2.3e-308 in double). Padding lanes get -Inf: 0.
-    const C lowest = kLogSmallestNormal<C>;
-    auto block = [&](const Block& xb) {
-      const Block d = xb - max;
-      Block e = d.exp();
-      for (Index l = 0; l < kRowBlock; ++l) e[l] = d[l] < lowest ? C(0) : e[l];
-      lanes += e;
-      return e;
-    };
-    for (Index j = 0; j < full; j += kRowBlock) Out(raw + j) = block(load_block<C>(x + j));
-    if (rest > 0) store_partial<C>(block(load_partial<C>(x + full, rest, minus_inf)), raw + full, rest);
-    const C sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                  ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
     // NaN, +Inf (inf - inf) and an all -Inf row (-inf - -inf) all make the sum NaN.
     norm.shift = max;
     norm.inv = C(1) / sum;
     return std::isfinite(sum) && sum > C(0);
   }
-  for (Index j = 0; j < full; j += kRowBlock) {
-    const Block r = (C(1) + (-load_block<C>(x + j)).exp()).inverse();
-    lanes += r;
-    Out(raw + j) = r;
-  }
-  if (rest > 0) {
-    Block r = (C(1) + (-load_partial<C>(x + full, rest, C(0))).exp()).inverse();
-    for (Index l = rest; l < kRowBlock; ++l) r[l] = C(0);
-    lanes += r;
-    store_partial<C>(r, raw + full, rest);
-  }
-  const C sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
   norm.shift = C(0);
   norm.inv = C(1) / (sum + kSigmoidNormEps<C>);
   return std::isfinite(sum) && max != std::numeric_limits<C>::infinity();

@@ -313,6 +313,9 @@ class SwitchAuxLoss {
     detail::ScratchArray<Compute> chunk_counts;  // N, one chunk's top-k counts
     detail::ScratchArray<Compute> chunk_first;   // N, one chunk's first-choice counts
     double chunk_tokens = 0.0;                   // real tokens of the chunk
+    Eigen::ArrayXd thread_counts;                // N, this thread's top-k counts (exact)
+    Eigen::ArrayXd thread_first;                 // N, this thread's first-choice counts
+    double thread_tokens = 0.0;                  // this thread's real tokens
     std::vector<Index> selected;                 // k
     detail::TopkScratch<Compute> topk;
   };
@@ -331,6 +334,8 @@ class SwitchAuxLoss {
       lane.chunk_sums.resize(num_experts_);
       lane.chunk_counts.resize(num_experts_);
       lane.chunk_first.resize(num_experts_);
+      lane.thread_counts.resize(num_experts_);
+      lane.thread_first.resize(num_experts_);
       lane.selected.resize(static_cast<std::size_t>(k_));
       lane.topk.resize(num_experts_, k_);
     }
@@ -355,8 +360,8 @@ class SwitchAuxLoss {
   }
 
   // Phase 1. When `raw_out` is given, each real row's raw scores are left in it for phase 2.
-  // Chunks of kSwitchChunkRows rows run on the threads; their partial sums are added to the
-  // statistics in chunk order, so the result does not depend on the thread count.
+  // Blocks of chunks of kSwitchChunkRows rows run on the threads; their partial sums are added
+  // to the statistics in block order, so the result does not depend on the thread count.
   Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                        const TokenMask& mask, RowMatrixRef<Compute>* raw_out) {
     rows_ = -1;  // no valid forward until this one completes
@@ -365,28 +370,47 @@ class SwitchAuxLoss {
     const Index rows = x.rows(), n = num_experts_;
     norms_.resize(static_cast<std::size_t>(rows));
     statistics_.clear();
+    // Rows -> chunk partials -> block partials (one thread per block) -> the total, blocks in
+    // order; counts are exact integers, summed per thread. See detail/parallel.hpp.
     const Index chunks = (rows + detail::kSwitchChunkRows - 1) / detail::kSwitchChunkRows;
-    const int threads = detail::threads_for(chunks);
+    const detail::BlockPartition partition(chunks);
+    const int threads = detail::threads_for(partition.blocks);
     ensure_lanes(threads);
+    const std::size_t block_values = static_cast<std::size_t>(partition.blocks * n);
+    if (block_sums_.size() < block_values) block_sums_.resize(block_values);
+    for (int i = 0; i < threads; ++i) {
+      Lane& lane = lanes_[static_cast<std::size_t>(i)];
+      lane.thread_counts.setZero();
+      lane.thread_first.setZero();
+      lane.thread_tokens = 0.0;
+    }
+    detail::for_blocks(partition, threads, [&](int thread, Index block) {
+      Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+      Eigen::Map<Eigen::ArrayXd> block_sum(block_sums_.data() + block * n, n);
+      block_sum.setZero();
+      for (Index chunk = partition.begin(block); chunk < partition.end(block); ++chunk) {
+        const Index begin = chunk * detail::kSwitchChunkRows;
+        const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
+        accumulate_chunk(function, x, mask, raw_out, lane, begin, end);
+        block_sum += lane.chunk_sums;
+        lane.thread_counts += lane.chunk_counts.template cast<double>();
+        lane.thread_first += lane.chunk_first.template cast<double>();
+        lane.thread_tokens += lane.chunk_tokens;
+      }
+    });
     double& tokens = statistics_.mutable_tokens();
     auto counts = statistics_.mutable_counts();
     auto first = statistics_.mutable_first_choice_counts();
     auto sums = statistics_.mutable_score_sums();
-    detail::for_chunks_ordered(
-        chunks, threads,
-        [&](int thread, Index chunk) {
-          Lane& lane = lanes_[static_cast<std::size_t>(thread)];
-          const Index begin = chunk * detail::kSwitchChunkRows;
-          const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
-          accumulate_chunk(function, x, mask, raw_out, lane, begin, end);
-        },
-        [&](int thread, Index) {
-          const Lane& lane = lanes_[static_cast<std::size_t>(thread)];
-          tokens += lane.chunk_tokens;
-          sums += lane.chunk_sums.matrix();
-          counts += lane.chunk_counts.template cast<double>().matrix();
-          first += lane.chunk_first.template cast<double>().matrix();
-        });
+    for (Index block = 0; block < partition.blocks; ++block) {
+      sums += Eigen::Map<const Eigen::VectorXd>(block_sums_.data() + block * n, n);
+    }
+    for (int i = 0; i < threads; ++i) {
+      const Lane& lane = lanes_[static_cast<std::size_t>(i)];
+      counts += lane.thread_counts.matrix();
+      first += lane.thread_first.matrix();
+      tokens += lane.thread_tokens;
+    }
     update_f();
     loss_ = tokens > 0 ? options_.coefficient * double(n) * f_.dot(sums) / tokens : 0.0;
     rows_ = rows;
@@ -430,8 +454,8 @@ class SwitchAuxLoss {
         // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
         // the selection is {j : q_j >= tau} and the first choice the maximum: counted with
         // vector adds in the same pass as the score sums (exact: a chunk counts at most 512),
-        // and taken back on the rare tie.
-        // (Integer totals: the compiler may reorder them into vector lanes.)
+        // and taken back on the rare tie. (Integer totals: the compiler may keep them in
+        // vector lanes.)
         std::int32_t selected = 0, at_top = 0;
         for (Index j = 0; j < n; ++j) {
           const bool in_topk = q[j] >= tau, is_top = q[j] == top;
@@ -452,8 +476,8 @@ class SwitchAuxLoss {
         for (Index j = 0; j < n; ++j) cs[j] += static_cast<double>(q[j]);
       }
       if (!counted) {
-        // Ties around the top k (or k above the threshold method's range): the exact method,
-        // ties to the lower expert index.
+        // Ties around the top k (or k above the threshold method's range): the exact method on
+        // the scores, ties to the lower expert index.
         detail::topk_row_exact(static_cast<const Compute*>(q), n, k_, lane.selected.data(),
                                lane.topk);
         for (Index s = 0; s < k_; ++s) cc[lane.selected[std::size_t(s)]] += Compute(1);
@@ -564,6 +588,7 @@ class SwitchAuxLoss {
   Eigen::VectorXd f_;                               // N, double
   detail::ScratchArray<Compute> f_compute_;         // N, f in the compute type
   std::vector<Lane> lanes_;                         // per thread: row and chunk scratch
+  std::vector<double> block_sums_;                  // blocks x N score sums (<= 64 blocks)
   std::vector<detail::RowNorm<Compute>> norms_;     // T, per token; inv == 0 marks padding
   Index rows_ = -1;                                 // T of the last completed forward
   double loss_ = 0.0;
