@@ -90,12 +90,13 @@ inline constexpr C kSigmoidNormEps = C(1e-20);
 /// reductions (detail/reduce.hpp) and of the threshold top-k.
 inline constexpr Index kRowBlock = 8;
 
-/// Width of the blocks the exponentials are computed in: every element of a row goes through
-/// Eigen's vectorized exp in a block of this size (the last block padded), whatever the row's
-/// length and address, so any pass rebuilds a row's scores bitwise. A dynamic-size Eigen
-/// expression would instead compute a head or tail with the scalar std::exp (and a row shorter
-/// than one packet, 8 experts under AVX-512, entirely so). Two packets of AVX-512 floats when
-/// the build enables AVX-512, else 8 (one AVX packet, two SSE packets).
+/// Width of the wide blocks the exponentials are computed in: every element of a row goes
+/// through Eigen's vectorized exp in a fixed-size block (blocks of this size while they fit,
+/// then of 8, the last one padded), a layout fixed by the row's length alone, whatever its
+/// address, so any pass rebuilds a row's scores bitwise. A dynamic-size Eigen expression would
+/// instead compute a head or tail with the scalar std::exp (and a row shorter than one packet,
+/// 8 experts under AVX-512, entirely so). 16 (one AVX-512 packet of floats) when the build
+/// enables AVX-512, else 8 (one AVX packet, two SSE packets).
 #ifdef EIGEN_VECTORIZE_AVX512
 inline constexpr Index kExpBlock = 16;
 #else
@@ -129,19 +130,18 @@ void store_partial(const Eigen::Array<C, B, 1>& b, C* out, Index count) {
 }
 
 /// One block of raw values from logits xb: exp(xb - max) flushed to 0 below log(smallest
-/// normal) (softmax), or 1 / (1 + exp(-xb)) (sigmoid). Lanes are independent, so a value
-/// computed alone (broadcast in a block) equals the same value computed inside a row.
-template <class C>
-ExpBlock<C> raw_block(const ExpBlock<C>& xb, C max, ScoreFunction score) {
+/// normal) (softmax), or 1 / (1 + exp(-xb)) (sigmoid).
+template <class C, int B>
+Eigen::Array<C, B, 1> raw_block(const Eigen::Array<C, B, 1>& xb, C max, ScoreFunction score) {
   if (score == ScoreFunction::softmax) {
     // Eigen 3.4's vectorized exp returns a tiny positive floor (about 3e-39 in float) for
     // arguments below the normal range, -Inf included. Below log(smallest normal) the result is
     // flushed to exactly 0 instead, so -Inf logits get probability 0 as in PyTorch (the values
     // replaced are below 1.2e-38 in float, 2.3e-308 in double).
     const C lowest = kLogSmallestNormal<C>;
-    const ExpBlock<C> d = xb - max;
-    ExpBlock<C> e = d.exp();
-    for (Index l = 0; l < kExpBlock; ++l) e[l] = d[l] < lowest ? C(0) : e[l];
+    const Eigen::Array<C, B, 1> d = xb - max;
+    Eigen::Array<C, B, 1> e = d.exp();
+    for (Index l = 0; l < B; ++l) e[l] = d[l] < lowest ? C(0) : e[l];
     return e;
   }
   return (C(1) + (-xb).exp()).inverse();
@@ -169,22 +169,27 @@ bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>&
     if (rest8 > 0) m = m.max(load_partial<C>(x + full8, rest8, minus_inf));
     max = m.maxCoeff();
   }
-  const Index full = n - n % kExpBlock, rest = n - full;
+  // Second pass: blocks of kExpBlock while they fit, then blocks of 8, the last one padded
+  // (a function of n alone, so every pass computes each element the same way).
   RowBlock<C> lanes = RowBlock<C>::Zero();
-  auto add_lanes = [&](const Block& r) {
-    for (Index h = 0; h < kExpBlock; h += kRowBlock) lanes += r.template segment<kRowBlock>(h);
-  };
-  for (Index j = 0; j < full; j += kExpBlock) {
+  Index j = 0;
+  for (; j + kExpBlock <= n; j += kExpBlock) {
     const Block r = raw_block<C>(load_block<C, kExpBlock>(x + j), max, score);
-    add_lanes(r);
+    for (Index h = 0; h < kExpBlock; h += kRowBlock) lanes += r.template segment<kRowBlock>(h);
     Out(raw + j) = r;
   }
-  if (rest > 0) {
+  for (; j + kRowBlock <= n; j += kRowBlock) {
+    const RowBlock<C> r = raw_block<C>(load_block<C>(x + j), max, score);
+    lanes += r;
+    Eigen::Map<RowBlock<C>>(raw + j) = r;
+  }
+  if (j < n) {
     // Padding lanes: -Inf gives 0 for softmax; the sigmoid's are zeroed before the sum.
-    Block r = raw_block<C>(load_partial<C, kExpBlock>(x + full, rest, minus_inf), max, score);
-    for (Index l = rest; l < kExpBlock; ++l) r[l] = C(0);
-    add_lanes(r);
-    store_partial(r, raw + full, rest);
+    const Index rest = n - j;
+    RowBlock<C> r = raw_block<C>(load_partial<C>(x + j, rest, minus_inf), max, score);
+    for (Index l = rest; l < kRowBlock; ++l) r[l] = C(0);
+    lanes += r;
+    store_partial(r, raw + j, rest);
   }
   const C sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
                 ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
