@@ -11,11 +11,10 @@
 // never wait for each other inside the loop (one barrier at its end). Sums of integers (counts)
 // are exact in double and may be combined per thread. Memory: O(N) per thread plus
 // O(N x kMaxBlocks) for the block partials.
-//
-// `for_chunks_ordered` is the stricter form: the chunks' partials combined in chunk order
-// through an OpenMP `ordered` region (the sequential fold itself), at the price of one
-// hand-over between threads per chunk. `for_chunks` runs independent chunks (per-row outputs)
-// with a static schedule. Without OpenMP all are plain loops.
+// (Combining every chunk's partial in chunk order through an OpenMP `ordered` region was the
+// first design: one hand-over between threads per chunk made two threads 40x slower than one
+// while the machine was shared.) `for_chunks` runs independent chunks (per-row outputs) with a
+// static schedule. Without OpenMP both are plain loops.
 // An exception thrown inside a loop does not cross the parallel region: the one of the lowest
 // block or chunk is rethrown after it (the one the sequential loop would have thrown first).
 
@@ -56,54 +55,6 @@ class ChunkErrors {
   Index chunk_ = 0;
   std::exception_ptr error_;
 };
-
-/// body(thread, chunk) for chunk in [0, chunks) on `threads` threads, then combine(thread,
-/// chunk) in increasing chunk order. `thread` is in [0, threads): the index of per-thread
-/// scratch. A chunk whose body threw is not combined; the lowest such chunk's exception is
-/// rethrown at the end.
-template <class Body, class Combine>
-void for_chunks_ordered(Index chunks, int threads, Body&& body, Combine&& combine) {
-  if (threads <= 1 || chunks <= 1) {
-    for (Index c = 0; c < chunks; ++c) {
-      body(0, c);
-      combine(0, c);
-    }
-    return;
-  }
-#ifdef _OPENMP
-  ChunkErrors errors;
-#pragma omp parallel num_threads(threads)
-  {
-    const int thread = omp_get_thread_num();
-#pragma omp for ordered schedule(static, 1)
-    for (Index c = 0; c < chunks; ++c) {
-      bool ok = true;
-      try {
-        body(thread, c);
-      } catch (...) {
-        ok = false;
-        errors.record(c, std::current_exception());
-      }
-#pragma omp ordered
-      {
-        if (ok) {
-          try {
-            combine(thread, c);
-          } catch (...) {
-            errors.record(c, std::current_exception());
-          }
-        }
-      }
-    }
-  }
-  errors.rethrow();
-#else
-  for (Index c = 0; c < chunks; ++c) {
-    body(0, c);
-    combine(0, c);
-  }
-#endif
-}
 
 /// At most this many blocks of consecutive chunks per call (see the file comment).
 inline constexpr Index kMaxBlocks = 64;

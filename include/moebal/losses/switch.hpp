@@ -174,8 +174,9 @@ inline SwitchStats make_switch_stats(const RoutingStatistics& statistics, const 
   return s;
 }
 
-/// Rows per accumulation chunk. Chunk partial sums are combined in chunk order, so sums do not
-/// depend on how chunks are later spread over threads.
+/// Rows per accumulation chunk. Chunks are grouped into a fixed partition of blocks (see
+/// detail/parallel.hpp) whose partial sums are combined in block order, so sums do not depend
+/// on how the blocks are spread over threads.
 inline constexpr Index kSwitchChunkRows = 512;
 
 }  // namespace detail
@@ -192,7 +193,9 @@ SwitchAuxResult<compute_type_t<typename Derived::Scalar>> switch_aux_loss(
 ///             caller's row-major T x N buffer, recomputing each row's scores from the logits.
 ///   forward_backward: both in two passes, using the output buffer to hold the scores between
 ///             them (the fastest form when the gradient is written, not accumulated).
-/// backward must be given the same logits as the last forward.
+/// backward must be given the same logits as the last forward. Every phase runs its token
+/// chunks on up to `moebal::num_threads()` OpenMP threads (<moebal/core/threads.hpp>); the
+/// results are bitwise identical for any thread count.
 ///
 /// @tparam Scalar the logits' type: float, double, Eigen::bfloat16 or Eigen::half. Rows are
 ///   computed in `Compute` (float for bfloat16/half, converted one row at a time: the logits
