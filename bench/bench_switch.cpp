@@ -1,18 +1,26 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Benchmarks of the Switch load-balancing loss (Megatron convention, softmax, k of N).
+// Benchmarks of moebal's losses and routers, each next to references in the same binary.
 //
 // Every figure is meant to be read as a ratio to references measured in the same binary:
 //   BM_Copy<S>                         memcpy of the T x N logits into a gradient-sized buffer
-//                                      (the memory-traffic floor of any forward+backward)
-//   BM_NaiveEigen_Forward<S>           the loss as a user would write it with Eigen expressions
+//                                      (the memory-traffic floor of any forward+backward), split
+//                                      over the same number of threads as the kernel it is read
+//                                      against
+//   BM_NaiveEigen_Forward<S>           the Switch loss as a user would write it with Eigen
 //   BM_NaiveEigen_ForwardBackward<S>   ... plus the analytic gradient
-//   BM_Moebal_Forward<S>               moebal::SwitchAuxLoss<S>::forward
+//   BM_Moebal_Forward<S>               moebal::SwitchAuxLoss<S>::forward (Megatron convention)
 //   BM_Moebal_ForwardBackward<S>       moebal::SwitchAuxLoss<S>::forward_backward
 //   BM_Moebal_ForwardThenBackward<S>   forward, then backward (the recompute path)
-// Arguments: T (tokens), N (experts), k. BM_Copy depends on T and N only and has no k.
-// Counters: bytes_per_second = T N sizeof(S) per iteration (the logits, read once) and
-// time_per_token (seconds in JSON; the console prints it with an SI prefix, e.g. "4.2ns").
+//   BM_SwitchHF_* / BM_SwitchFirst_*   the Hugging Face and first-choice conventions
+//   BM_ZLoss_*, BM_CombinedSZ_*, BM_Combined_ForwardBackward, BM_Sequence_*, BM_GlobalBatch_*,
+//   BM_Router_*                        the other losses and the router (see bench/README.md)
+// Arguments: T (tokens), N (experts), k, th (moebal::set_num_threads). BM_Copy has no k.
+// Counters: bytes_per_second = T N sizeof(S) per iteration (the logits, read once),
+// time_per_token (seconds in JSON; the console prints it with an SI prefix, e.g. "4.2ns") and
+// ns_per_token_expert (nanoseconds per T x N element).
+// Grid: a default subset of shapes; `--grid=full` registers every T in {4096, 65536, 262144,
+// 1048576} x N in {8, 64, 256} x k in {1, 2, 8} x {float, double} x th in {1, 2}.
 // See bench/README.md.
 
 #include <algorithm>
@@ -32,8 +40,18 @@
 #include <Eigen/Core>
 #include <benchmark/benchmark.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "moebal/core/threads.hpp"
 #include "moebal/losses/combined.hpp"
+#include "moebal/losses/global_batch.hpp"
+#include "moebal/losses/sequence.hpp"
 #include "moebal/losses/switch.hpp"
+#include "moebal/losses/z.hpp"
+#include "moebal/routers/presets.hpp"
+#include "moebal/routers/router.hpp"
 
 namespace {
 
@@ -87,6 +105,16 @@ void set_counters(benchmark::State& state, Index tokens, Index experts, std::siz
   state.counters["time_per_token"] =
       benchmark::Counter(static_cast<double>(tokens),
                          benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  // Nanoseconds per token x expert: flat in T when the kernel's cost is per element.
+  state.counters["ns_per_token_expert"] = benchmark::Counter(
+      1e-9 * static_cast<double>(tokens * experts),
+      benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
+/// Applies the benchmark's thread argument (state.range(index)) to moebal.
+void use_threads(benchmark::State& state, int index) {
+  moebal::set_num_threads(static_cast<int>(state.range(index)));
+  state.counters["threads"] = static_cast<double>(moebal::num_threads());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -183,8 +211,11 @@ const CheckResult& naive_check(Index tokens, Index experts, Index k) {
 
   CheckResult result;
   result.loss_rel = std::abs(naive_loss - moebal_loss) / std::abs(moebal_loss);
-  result.grad_rel = static_cast<double>((naive_grad - grad).cwiseAbs().maxCoeff()) /
-                    static_cast<double>(grad.cwiseAbs().maxCoeff());
+  // Relative to the largest gradient element, or to the gradient's natural scale N / T when
+  // that is smaller: at k = N, f is uniform and the exact gradient is zero (rounding noise).
+  const double grad_scale = std::max(static_cast<double>(grad.cwiseAbs().maxCoeff()),
+                                     double(experts) / double(tokens));
+  result.grad_rel = static_cast<double>((naive_grad - grad).cwiseAbs().maxCoeff()) / grad_scale;
   const double grad_tol = std::is_same_v<S, float> ? 1e-4 : 1e-9;
   std::ostringstream why;
   why.precision(17);
@@ -212,124 +243,266 @@ bool naive_agrees(benchmark::State& state, Index tokens, Index experts, Index k)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Benchmarks. state.range(0) = T, range(1) = N, range(2) = k (not for BM_Copy).
+// Benchmarks. state.range(0) = T, range(1) = N, range(2) = k, range(3) = threads (BM_Copy:
+// range(2) = threads).
+
+/// Times `step` (one call of the operation), after one untimed call that sizes workspaces.
+template <class Step>
+void run_timed(benchmark::State& state, Index tokens, Index experts, std::size_t scalar_size,
+               Step&& step) {
+  step();
+  for (auto _ : state) {
+    step();
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, tokens, experts, scalar_size);
+}
 
 template <class S>
 void BM_Copy(benchmark::State& state) {
   const Index tokens = state.range(0), experts = state.range(1);
+  use_threads(state, 2);
   const RowMatrix<S>& src = logits_for<S>(tokens, experts);
   RowMatrix<S> dst = RowMatrix<S>::Zero(tokens, experts);  // pages touched before timing
   const std::size_t bytes = static_cast<std::size_t>(tokens * experts) * sizeof(S);
+  const int threads = moebal::num_threads();
   for (auto _ : state) {
-    std::memcpy(dst.data(), src.data(), bytes);
+    // Split by rows over the same threads as the kernels (one memcpy on one thread).
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+#endif
+    for (int part = 0; part < threads; ++part) {
+      const std::size_t begin = bytes / std::size_t(threads) * std::size_t(part);
+      const std::size_t end =
+          part + 1 == threads ? bytes : bytes / std::size_t(threads) * std::size_t(part + 1);
+      std::memcpy(reinterpret_cast<char*>(dst.data()) + begin,
+                  reinterpret_cast<const char*>(src.data()) + begin, end - begin);
+    }
     benchmark::DoNotOptimize(dst.data());
     benchmark::ClobberMemory();
   }
+  (void)threads;
   set_counters(state, tokens, experts, sizeof(S));
 }
 
 template <class S>
 void BM_NaiveEigen_Forward(benchmark::State& state) {
   const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
   if (!naive_agrees<S>(state, tokens, experts, k)) return;
   const RowMatrix<S>& x = logits_for<S>(tokens, experts);
   NaiveSwitch<S> naive(tokens, experts, k);
-  benchmark::DoNotOptimize(naive.forward(x));  // warm-up: touches the workspace
-  for (auto _ : state) {
-    S value = naive.forward(x);
-    benchmark::DoNotOptimize(value);
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, tokens, experts, sizeof(S));
+  run_timed(state, tokens, experts, sizeof(S), [&] { benchmark::DoNotOptimize(naive.forward(x)); });
 }
 
 template <class S>
 void BM_NaiveEigen_ForwardBackward(benchmark::State& state) {
   const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
   if (!naive_agrees<S>(state, tokens, experts, k)) return;
   const RowMatrix<S>& x = logits_for<S>(tokens, experts);
   NaiveSwitch<S> naive(tokens, experts, k);
   RowMatrix<S> grad = RowMatrix<S>::Zero(tokens, experts);
-  benchmark::DoNotOptimize(naive.forward(x));
-  naive.backward(grad);
-  for (auto _ : state) {
-    S value = naive.forward(x);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    benchmark::DoNotOptimize(naive.forward(x));
     naive.backward(grad);
-    benchmark::DoNotOptimize(value);
     benchmark::DoNotOptimize(grad.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, tokens, experts, sizeof(S));
+  });
 }
 
-template <class S>
-void BM_Moebal_Forward(benchmark::State& state) {
-  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
-  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
-  moebal::SwitchAuxLoss<S> loss(experts, k);
-  benchmark::DoNotOptimize(loss.forward(x));  // warm-up: sizes the per-token workspace
-  for (auto _ : state) {
-    S value = loss.forward(x);
-    benchmark::DoNotOptimize(value);
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, tokens, experts, sizeof(S));
+moebal::SwitchOptions switch_options(moebal::SwitchConvention convention) {
+  moebal::SwitchOptions options;
+  options.convention = convention;
+  return options;
 }
 
-template <class S>
-void BM_Moebal_ForwardBackward(benchmark::State& state) {
+template <class S, moebal::SwitchConvention Convention>
+void BM_Switch_Forward(benchmark::State& state) {
   const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
   const RowMatrix<S>& x = logits_for<S>(tokens, experts);
-  moebal::SwitchAuxLoss<S> loss(experts, k);
+  moebal::SwitchAuxLoss<S> loss(experts, k, switch_options(Convention));
+  run_timed(state, tokens, experts, sizeof(S), [&] { benchmark::DoNotOptimize(loss.forward(x)); });
+}
+
+template <class S, moebal::SwitchConvention Convention>
+void BM_Switch_ForwardBackward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::SwitchAuxLoss<S> loss(experts, k, switch_options(Convention));
   RowMatrix<S> grad = RowMatrix<S>::Zero(tokens, experts);
-  benchmark::DoNotOptimize(loss.forward_backward(x, grad));
-  for (auto _ : state) {
-    S value = loss.forward_backward(x, grad);
-    benchmark::DoNotOptimize(value);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    benchmark::DoNotOptimize(loss.forward_backward(x, grad));
     benchmark::DoNotOptimize(grad.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, tokens, experts, sizeof(S));
+  });
 }
 
 template <class S>
 void BM_Moebal_ForwardThenBackward(benchmark::State& state) {
   const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
   const RowMatrix<S>& x = logits_for<S>(tokens, experts);
   moebal::SwitchAuxLoss<S> loss(experts, k);
   RowMatrix<S> grad = RowMatrix<S>::Zero(tokens, experts);
-  benchmark::DoNotOptimize(loss.forward(x));
-  loss.backward(x, grad);
-  for (auto _ : state) {
-    S value = loss.forward(x);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    benchmark::DoNotOptimize(loss.forward(x));
     loss.backward(x, grad);
-    benchmark::DoNotOptimize(value);
     benchmark::DoNotOptimize(grad.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, tokens, experts, sizeof(S));
+  });
 }
 
-// The combined objective (Switch + z-loss + sequence-level + importance CV^2, one pass) with
-// every term active, for the "at most 1.3x the Switch loss alone" target. Sequences of 1024
-// tokens, sequence-major (Megatron-core).
 template <class S>
+void BM_ZLoss_Forward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::ZLoss<S> loss(1e-3);
+  run_timed(state, tokens, experts, sizeof(S), [&] { benchmark::DoNotOptimize(loss.forward(x)); });
+}
+
+template <class S>
+void BM_ZLoss_ForwardBackward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::ZLoss<S> loss(1e-3);
+  RowMatrix<S> grad = RowMatrix<S>::Zero(tokens, experts);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    benchmark::DoNotOptimize(loss.forward(x));
+    loss.backward(x, grad);
+    benchmark::DoNotOptimize(grad.data());
+  });
+}
+
+// The one-pass combined objective. CombinedSZ: Switch + z-loss (the "at most 1.3x the Switch
+// loss alone" target). Combined_ForwardBackward: every term on (Switch, z-loss, sequence-level
+// over sequence-major sequences of 1024 tokens, importance CV^2).
+moebal::CombinedOptions combined_options(Index tokens, bool every_term) {
+  moebal::CombinedOptions options;
+  if (every_term) {
+    options.weights = {1e-2, 1e-3, 1e-3, 1e-2};
+    options.layout = moebal::SequenceLayout::sequence_major(tokens >= 1024 ? 1024 : tokens);
+  } else {
+    options.weights = {1e-2, 1e-3, 0.0, 0.0};
+  }
+  return options;
+}
+
+template <class S, bool EveryTerm>
+void BM_Combined_Forward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::CombinedAuxLoss<S> loss(experts, k, combined_options(tokens, EveryTerm));
+  run_timed(state, tokens, experts, sizeof(S), [&] { benchmark::DoNotOptimize(loss.forward(x)); });
+}
+
+template <class S, bool EveryTerm>
 void BM_Combined_ForwardBackward(benchmark::State& state) {
   const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
   const RowMatrix<S>& x = logits_for<S>(tokens, experts);
-  moebal::CombinedOptions options;
-  options.weights = {1e-2, 1e-3, 1e-3, 1e-2};
-  options.layout = moebal::SequenceLayout::sequence_major(tokens >= 1024 ? 1024 : tokens);
-  moebal::CombinedAuxLoss<S> loss(experts, k, options);
+  moebal::CombinedAuxLoss<S> loss(experts, k, combined_options(tokens, EveryTerm));
   RowMatrix<S> grad = RowMatrix<S>::Zero(tokens, experts);
-  benchmark::DoNotOptimize(loss.forward_backward(x, grad));
-  for (auto _ : state) {
-    S value = loss.forward_backward(x, grad);
-    benchmark::DoNotOptimize(value);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    benchmark::DoNotOptimize(loss.forward_backward(x, grad));
     benchmark::DoNotOptimize(grad.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, tokens, experts, sizeof(S));
+  });
+}
+
+// Sequence-level loss over sequence-major sequences of 1024 tokens (Megatron-core seq_aux_loss).
+template <class S>
+void BM_Sequence_Forward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::SequenceAuxLoss<S> loss(experts, k,
+                                  moebal::SequenceLayout::sequence_major(std::min<Index>(tokens, 1024)));
+  run_timed(state, tokens, experts, sizeof(S), [&] { benchmark::DoNotOptimize(loss.forward(x)); });
+}
+
+template <class S>
+void BM_Sequence_ForwardBackward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::SequenceAuxLoss<S> loss(experts, k,
+                                  moebal::SequenceLayout::sequence_major(std::min<Index>(tokens, 1024)));
+  RowMatrix<S> grad = RowMatrix<S>::Zero(tokens, experts);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    benchmark::DoNotOptimize(loss.forward(x));
+    loss.backward(x, grad);
+    benchmark::DoNotOptimize(grad.data());
+  });
+}
+
+// Global-batch balance, both phases on one micro-batch of one rank: count (phase 1),
+// synchronize (no-op sum), then forward (and backward).
+template <class S>
+void BM_GlobalBatch_Forward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::GlobalBatchBalance<S> loss(experts, k);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    loss.reset();
+    loss.count(x);
+    loss.synchronize();
+    benchmark::DoNotOptimize(loss.forward(x));
+  });
+}
+
+template <class S>
+void BM_GlobalBatch_ForwardBackward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::GlobalBatchBalance<S> loss(experts, k);
+  RowMatrix<S> grad = RowMatrix<S>::Zero(tokens, experts);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    loss.reset();
+    loss.count(x);
+    loss.synchronize();
+    benchmark::DoNotOptimize(loss.forward_backward(x, grad));
+    benchmark::DoNotOptimize(grad.data());
+  });
+}
+
+// The router (Megatron-core softmax top-k preset): indices and combine weights, then
+// d loss / d logits from d loss / d weights (all ones). Softmax of the k selected logits
+// (Megatron's default, moe_router_pre_softmax = false) for k >= 2; for k = 1, where that
+// weight is constant, softmax over all experts before the top-k (pre_softmax = true).
+moebal::RouterOptions router_options(Index k) { return moebal::presets::megatron_softmax(k == 1); }
+template <class S>
+void BM_Router_Forward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::Router<S> router(experts, k, router_options(k));
+  moebal::IndexMatrix indices(tokens, k);
+  RowMatrix<S> weights(tokens, k);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    router.forward(x, indices, weights);
+    benchmark::DoNotOptimize(weights.data());
+  });
+}
+
+template <class S>
+void BM_Router_ForwardBackward(benchmark::State& state) {
+  const Index tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  use_threads(state, 3);
+  const RowMatrix<S>& x = logits_for<S>(tokens, experts);
+  moebal::Router<S> router(experts, k, router_options(k));
+  moebal::IndexMatrix indices(tokens, k);
+  RowMatrix<S> weights(tokens, k);
+  const RowMatrix<S> upstream = RowMatrix<S>::Ones(tokens, k);
+  RowMatrix<S> grad = RowMatrix<S>::Zero(tokens, experts);
+  run_timed(state, tokens, experts, sizeof(S), [&] {
+    router.forward(x, indices, weights);
+    router.backward(x, indices, upstream, grad);
+    benchmark::DoNotOptimize(grad.data());
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,45 +512,106 @@ struct Shape {
   Index tokens, experts, k;
 };
 
-// Ordered so that shapes sharing (T, N) are adjacent (one BM_Copy per (T, N)).
-constexpr Shape kShapes[] = {
-    {4096, 8, 2}, {65536, 64, 2}, {65536, 64, 8}, {262144, 64, 2}, {65536, 256, 8},
+// The default subset: the shapes the README quotes. Ordered so that shapes sharing (T, N) are
+// adjacent (one BM_Copy per (T, N)).
+constexpr Shape kDefaultShapes[] = {
+    {4096, 8, 2},     {65536, 64, 2},    {262144, 8, 2},  {262144, 64, 1}, {262144, 64, 2},
+    {262144, 64, 8},  {65536, 256, 8},   {1048576, 64, 2},
 };
+// Double in the default subset: two shapes.
+constexpr Shape kDefaultDoubleShapes[] = {{262144, 64, 2}, {65536, 256, 8}};
 
 using BenchFunction = void (*)(benchmark::State&);
+
+// 0.2 s per benchmark unless --benchmark_min_time is given (then that flag decides).
+bool default_min_time = true;
 
 void configure(benchmark::internal::Benchmark* b, std::vector<std::int64_t> args,
                std::vector<std::string> names) {
   b->Args(args)->ArgNames(names)->Unit(benchmark::kMillisecond);
+  if (default_min_time) b->MinTime(0.2);
 }
 
 template <class S>
-void register_shape(const Shape& shape, bool with_copy) {
+void register_shape(const Shape& shape, bool with_copy, const std::vector<int>& threads,
+                    bool full) {
+  using moebal::SwitchConvention;
   const std::string suffix = std::string("<") + scalar_name<S>() + ">";
-  if (with_copy) {
-    configure(benchmark::RegisterBenchmark(("BM_Copy" + suffix).c_str(), &BM_Copy<S>),
-              {shape.tokens, shape.experts}, {"T", "N"});
+  const std::vector<std::string> names = {"T", "N", "k", "th"};
+  for (const int th : threads) {
+    if (with_copy) {
+      configure(benchmark::RegisterBenchmark(("BM_Copy" + suffix).c_str(), &BM_Copy<S>),
+                {shape.tokens, shape.experts, th}, {"T", "N", "th"});
+    }
   }
-  const std::pair<const char*, BenchFunction> benchmarks[] = {
+  // The naive reference is single-threaded Eigen code: one thread only.
+  const std::pair<const char*, BenchFunction> naive[] = {
       {"BM_NaiveEigen_Forward", &BM_NaiveEigen_Forward<S>},
       {"BM_NaiveEigen_ForwardBackward", &BM_NaiveEigen_ForwardBackward<S>},
-      {"BM_Moebal_Forward", &BM_Moebal_Forward<S>},
-      {"BM_Moebal_ForwardBackward", &BM_Moebal_ForwardBackward<S>},
-      {"BM_Moebal_ForwardThenBackward", &BM_Moebal_ForwardThenBackward<S>},
-      {"BM_Combined_ForwardBackward", &BM_Combined_ForwardBackward<S>},
   };
-  for (const auto& [name, function] : benchmarks) {
+  for (const auto& [name, function] : naive) {
     configure(benchmark::RegisterBenchmark((name + suffix).c_str(), function),
-              {shape.tokens, shape.experts, shape.k}, {"T", "N", "k"});
+              {shape.tokens, shape.experts, shape.k, 1}, names);
+  }
+  std::vector<std::pair<const char*, BenchFunction>> benchmarks = {
+      {"BM_Moebal_Forward", &BM_Switch_Forward<S, SwitchConvention::megatron>},
+      {"BM_Moebal_ForwardBackward", &BM_Switch_ForwardBackward<S, SwitchConvention::megatron>},
+      {"BM_Moebal_ForwardThenBackward", &BM_Moebal_ForwardThenBackward<S>},
+      {"BM_SwitchHF_ForwardBackward", &BM_Switch_ForwardBackward<S, SwitchConvention::huggingface>},
+      {"BM_SwitchFirst_ForwardBackward",
+       &BM_Switch_ForwardBackward<S, SwitchConvention::first_choice>},
+      {"BM_ZLoss_Forward", &BM_ZLoss_Forward<S>},
+      {"BM_ZLoss_ForwardBackward", &BM_ZLoss_ForwardBackward<S>},
+      {"BM_CombinedSZ_Forward", &BM_Combined_Forward<S, false>},
+      {"BM_CombinedSZ_ForwardBackward", &BM_Combined_ForwardBackward<S, false>},
+      {"BM_Combined_ForwardBackward", &BM_Combined_ForwardBackward<S, true>},
+      {"BM_Sequence_Forward", &BM_Sequence_Forward<S>},
+      {"BM_Sequence_ForwardBackward", &BM_Sequence_ForwardBackward<S>},
+      {"BM_GlobalBatch_Forward", &BM_GlobalBatch_Forward<S>},
+      {"BM_GlobalBatch_ForwardBackward", &BM_GlobalBatch_ForwardBackward<S>},
+      {"BM_Router_Forward", &BM_Router_Forward<S>},
+      {"BM_Router_ForwardBackward", &BM_Router_ForwardBackward<S>},
+  };
+  if (full) {
+    benchmarks.push_back({"BM_SwitchHF_Forward", &BM_Switch_Forward<S, SwitchConvention::huggingface>});
+    benchmarks.push_back(
+        {"BM_SwitchFirst_Forward", &BM_Switch_Forward<S, SwitchConvention::first_choice>});
+  }
+  for (const int th : threads) {
+    for (const auto& [name, function] : benchmarks) {
+      configure(benchmark::RegisterBenchmark((name + suffix).c_str(), function),
+                {shape.tokens, shape.experts, shape.k, th}, names);
+    }
   }
 }
 
-void register_all() {
+template <class S, std::size_t Count>
+void register_shapes(const Shape (&shapes)[Count], const std::vector<int>& threads, bool full) {
   Index last_tokens = -1, last_experts = -1;
-  for (const Shape& shape : kShapes) {
+  for (const Shape& shape : shapes) {
     const bool new_size = shape.tokens != last_tokens || shape.experts != last_experts;
-    register_shape<float>(shape, new_size);
-    register_shape<double>(shape, new_size);
+    register_shape<S>(shape, new_size, threads, full);
+    last_tokens = shape.tokens;
+    last_experts = shape.experts;
+  }
+}
+
+std::vector<Shape> full_grid() {
+  std::vector<Shape> shapes;
+  for (const Index tokens : {4096, 65536, 262144, 1048576}) {
+    for (const Index experts : {8, 64, 256}) {
+      for (const Index k : {1, 2, 8}) shapes.push_back({tokens, experts, k});
+    }
+  }
+  return shapes;
+}
+
+template <class S>
+void register_grid(const std::vector<Shape>& shapes, const std::vector<int>& threads) {
+  Index last_tokens = -1, last_experts = -1;
+  for (const Shape& shape : shapes) {
+    const bool new_size = shape.tokens != last_tokens || shape.experts != last_experts;
+    register_shape<S>(shape, new_size, threads, true);
     last_tokens = shape.tokens;
     last_experts = shape.experts;
   }
@@ -385,8 +619,38 @@ void register_all() {
 
 }  // namespace
 
+// Extra flags, read (and removed) before Google Benchmark's own:
+//   --grid=full        every shape of the grid (default: the subset above)
+//   --threads=1,2      the thread counts to register (default: 1 and 2)
 int main(int argc, char** argv) {
-  register_all();
+  bool full = false;
+  std::vector<int> threads = {1, 2};
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--grid=full") {
+      full = true;
+    } else if (arg == "--grid=default") {
+      full = false;
+    } else if (arg.rfind("--threads=", 0) == 0) {
+      threads.clear();
+      std::stringstream list(arg.substr(10));
+      std::string item;
+      while (std::getline(list, item, ',')) threads.push_back(std::stoi(item));
+    } else {
+      if (arg.rfind("--benchmark_min_time", 0) == 0) default_min_time = false;
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
+  if (full) {
+    const std::vector<Shape> shapes = full_grid();
+    register_grid<float>(shapes, threads);
+    register_grid<double>(shapes, threads);
+  } else {
+    register_shapes<float>(kDefaultShapes, threads, false);
+    register_shapes<double>(kDefaultDoubleShapes, threads, false);
+  }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -13,10 +13,18 @@ For the shapes of bench_switch.cpp (float32 logits, random normal, row-major T x
 Each figure is the best over several repetitions after a warm-up; each repetition runs enough
 calls to last about 20 ms. Run with the Debian interpreter: /usr/bin/python3 compare_pytorch.py.
 Thread counts: 1, the default (torch.get_num_threads() at start-up) and os.cpu_count().
+
+With --moebal-json BENCH.json (moebal_bench's JSON output) the table also shows moebal's
+forward+backward (BM_Moebal_ForwardBackward<float>, median if repeated) at the same shape and
+thread count, its ratio to moebal's own copy (BM_Copy<float> at that thread count) and the
+speed-up PyTorch / moebal. --json-out PATH writes the PyTorch figures for bench/readme_table.py.
 """
 
 import argparse
+import json
 import os
+import re
+import statistics
 import sys
 import time
 
@@ -26,7 +34,33 @@ except ImportError:  # pragma: no cover - depends on the machine
     sys.exit("compare_pytorch.py needs PyTorch: run it with /usr/bin/python3 (Debian "
              "python3-torch), not another interpreter")
 
-SHAPES = [(4096, 8, 2), (65536, 64, 2), (65536, 64, 8), (262144, 64, 2), (65536, 256, 8)]
+SHAPES = [(4096, 8, 2), (65536, 64, 2), (262144, 64, 1), (262144, 64, 2), (262144, 64, 8),
+          (65536, 256, 8)]
+
+UNIT_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+NAME = re.compile(r"^(BM_\w+)<(\w+)>/T:(\d+)/N:(\d+)(?:/k:(\d+))?/th:(\d+)")
+
+
+def read_moebal(path):
+    """(bench, dtype, T, N, k, threads) -> median milliseconds, from moebal_bench's JSON."""
+    with open(path) as f:
+        data = json.load(f)
+    samples, medians = {}, {}
+    for b in data["benchmarks"]:
+        m = NAME.match(b.get("run_name", b["name"]))
+        if not m or b.get("error_occurred"):
+            continue
+        bench, dtype, tokens, experts, k, threads = m.groups()
+        key = (bench, dtype, int(tokens), int(experts), int(k) if k else None, int(threads))
+        ms = b["real_time"] * UNIT_MS[b.get("time_unit", "ns")]
+        if b.get("run_type") == "aggregate":
+            if b.get("aggregate_name") == "median":
+                medians[key] = ms
+        else:
+            samples.setdefault(key, []).append(ms)
+    result = {key: statistics.median(v) for key, v in samples.items()}
+    result.update(medians)
+    return result
 
 
 def switch_loss(logits, k):
@@ -102,25 +136,48 @@ def main():
     parser.add_argument("--repetitions", type=int, default=7, help="timed batches per figure")
     parser.add_argument("--threads", type=int, nargs="*",
                         help="thread counts to run (default: 1, the default, os.cpu_count())")
+    parser.add_argument("--moebal-json", help="moebal_bench JSON output to compare with")
+    parser.add_argument("--json-out", help="write the PyTorch figures to this JSON file")
     args = parser.parse_args()
 
     self_check()
+    moebal = read_moebal(args.moebal_json) if args.moebal_json else {}
     default_threads = torch.get_num_threads()
     threads = args.threads or sorted({1, default_threads, os.cpu_count() or 1})
     print(f"PyTorch {torch.__version__}, float32, CPU; default threads "
           f"{default_threads}, cpu_count {os.cpu_count()}; best of {args.repetitions}")
     header = (f"{'threads':>7} {'T':>7} {'N':>4} {'k':>2} | {'copy ms':>8} | {'fwd ms':>8} "
               f"{'fwd/copy':>8} | {'f+b ms':>8} {'f+b/copy':>8}")
+    if moebal:
+        header += f" | {'moebal f+b':>10} {'x copy':>6} | {'torch/moebal':>12}"
     print(header)
     print("-" * len(header))
+    rows = []
     for n in threads:
         torch.set_num_threads(n)
         for tokens, experts, k in SHAPES:
             t = measure(tokens, experts, k, args.repetitions)
-            print(f"{n:>7} {tokens:>7} {experts:>4} {k:>2} | {t['copy'] * 1e3:8.3f} | "
-                  f"{t['fwd'] * 1e3:8.3f} {t['fwd'] / t['copy']:8.1f} | "
-                  f"{t['fwd+bwd'] * 1e3:8.3f} {t['fwd+bwd'] / t['copy']:8.1f}", flush=True)
+            line = (f"{n:>7} {tokens:>7} {experts:>4} {k:>2} | {t['copy'] * 1e3:8.3f} | "
+                    f"{t['fwd'] * 1e3:8.3f} {t['fwd'] / t['copy']:8.1f} | "
+                    f"{t['fwd+bwd'] * 1e3:8.3f} {t['fwd+bwd'] / t['copy']:8.1f}")
+            if moebal:
+                fb = moebal.get(("BM_Moebal_ForwardBackward", "float", tokens, experts, k, n))
+                copy = moebal.get(("BM_Copy", "float", tokens, experts, None, n))
+                if fb is None:
+                    line += f" | {'n/a':>10} {'':>6} | {'n/a':>12}"
+                else:
+                    ratio = f"{fb / copy:6.1f}" if copy else f"{'n/a':>6}"
+                    line += f" | {fb:10.3f} {ratio} | {t['fwd+bwd'] * 1e3 / fb:11.1f}x"
+            print(line, flush=True)
+            rows.append({"threads": n, "T": tokens, "N": experts, "k": k,
+                         "copy_ms": t["copy"] * 1e3, "fwd_ms": t["fwd"] * 1e3,
+                         "fwd_bwd_ms": t["fwd+bwd"] * 1e3})
     torch.set_num_threads(default_threads)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                          time.gmtime()),
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

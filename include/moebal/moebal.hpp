@@ -21,6 +21,7 @@
 #include "moebal/core/error.hpp"
 #include "moebal/core/scores.hpp"
 #include "moebal/core/statistics.hpp"
+#include "moebal/core/threads.hpp"
 #include "moebal/core/topk.hpp"
 #include "moebal/core/types.hpp"
 #include "moebal/losses/combined.hpp"

@@ -86,36 +86,129 @@ inline const C kLogSmallestNormal = std::log(std::numeric_limits<C>::min());
 template <class C>
 inline constexpr C kSigmoidNormEps = C(1e-20);
 
-/// Computes raw_j for one row of n logits into `raw` (size n) and the row's normalizer.
-/// Returns false if the row is not a valid input: a NaN or +Inf logit, or (softmax) every
-/// logit -Inf.
-template <class S, class C>
-bool raw_scores(const S* x, Index n, ScoreFunction score, ScratchArray<C>& raw, RowNorm<C>& norm) {
-  MOEBAL_ASSERT(raw.size() == n);
-  const Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>> xs(x, n);
-  const C max = static_cast<C>(xs.maxCoeff());
+/// Width of the fixed-size blocks the row kernels compute in: the 8 lanes of the fixed-order
+/// reductions (detail/reduce.hpp) and of the threshold top-k.
+inline constexpr Index kRowBlock = 8;
+
+/// Width of the wide blocks the exponentials are computed in: every element of a row goes
+/// through Eigen's vectorized exp in a fixed-size block (blocks of this size while they fit,
+/// then of 8, the last one padded), a layout fixed by the row's length alone, whatever its
+/// address, so any pass rebuilds a row's scores bitwise. A dynamic-size Eigen expression would
+/// instead compute a head or tail with the scalar std::exp (and a row shorter than one packet,
+/// 8 experts under AVX-512, entirely so). 16 (one AVX-512 packet of floats) when the build
+/// enables AVX-512, else 8 (one AVX packet, two SSE packets).
+#ifdef EIGEN_VECTORIZE_AVX512
+inline constexpr Index kExpBlock = 16;
+#else
+inline constexpr Index kExpBlock = 8;
+#endif
+static_assert(kExpBlock % kRowBlock == 0, "exp blocks are made of whole row blocks");
+
+template <class C>
+using RowBlock = Eigen::Array<C, kRowBlock, 1>;
+template <class C>
+using ExpBlock = Eigen::Array<C, kExpBlock, 1>;
+
+/// Block of B values at x (unaligned), converted to C.
+template <class C, Index B = kRowBlock, class S>
+Eigen::Array<C, B, 1> load_block(const S* x) {
+  return Eigen::Map<const Eigen::Array<S, B, 1>>(x).template cast<C>();
+}
+
+/// The first `count` (< B) values at x, converted to C, the other lanes set to pad.
+template <class C, Index B = kRowBlock, class S>
+Eigen::Array<C, B, 1> load_partial(const S* x, Index count, C pad) {
+  Eigen::Array<C, B, 1> b = Eigen::Array<C, B, 1>::Constant(pad);
+  for (Index l = 0; l < count; ++l) b[l] = static_cast<C>(x[l]);
+  return b;
+}
+
+/// Writes the first `count` lanes of b to out.
+template <class C, int B>
+void store_partial(const Eigen::Array<C, B, 1>& b, C* out, Index count) {
+  for (Index l = 0; l < count; ++l) out[l] = b[l];
+}
+
+/// One block of raw values from logits xb: exp(xb - max) flushed to 0 below log(smallest
+/// normal) (softmax), or 1 / (1 + exp(-xb)) (sigmoid).
+template <class C, int B>
+Eigen::Array<C, B, 1> raw_block(const Eigen::Array<C, B, 1>& xb, C max, ScoreFunction score) {
   if (score == ScoreFunction::softmax) {
     // Eigen 3.4's vectorized exp returns a tiny positive floor (about 3e-39 in float) for
     // arguments below the normal range, -Inf included. Below log(smallest normal) the result is
     // flushed to exactly 0 instead, so -Inf logits get probability 0 as in PyTorch (the values
     // replaced are below 1.2e-38 in float, 2.3e-308 in double).
-    raw = (xs.template cast<C>() - max).exp();
     const C lowest = kLogSmallestNormal<C>;
-    C* r = raw.data();
-    for (Index j = 0; j < n; ++j) {
-      r[j] = static_cast<C>(x[j]) - max < lowest ? C(0) : r[j];
+    const Eigen::Array<C, B, 1> d = xb - max;
+    Eigen::Array<C, B, 1> e = d.exp();
+    for (Index l = 0; l < B; ++l) e[l] = d[l] < lowest ? C(0) : e[l];
+    return e;
+  }
+  return (C(1) + (-xb).exp()).inverse();
+}
+
+/// Computes raw_j for one row of n logits into raw[0..n) (any address; it may be the row of
+/// the caller's output buffer, even the logits' own row: each block is read before it is
+/// written) and the row's normalizer. Returns false if the row is not a valid input: a NaN or
+/// +Inf logit, or (softmax) every logit -Inf. The sum over the row is the 8-lane sum of
+/// `lane_sum` (the same rounding).
+template <class S, class C>
+bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>& norm) {
+  static_assert(kRowBlock == kReduceLanes, "the row blocks are the reduction's lanes");
+  using Block = ExpBlock<C>;
+  using Out = Eigen::Map<Block>;
+  constexpr C minus_inf = -std::numeric_limits<C>::infinity();
+  C max = C(0);
+  {
+    // First pass, in 8-blocks: the maximum.
+    const Index full8 = n - n % kRowBlock, rest8 = n - full8;
+    RowBlock<C> m = RowBlock<C>::Constant(minus_inf);
+    for (Index j = 0; j < full8; j += kRowBlock) {
+      m = m.max(load_block<C>(x + j));
     }
-    const C sum = lane_sum(raw.data(), n);
+    if (rest8 > 0) m = m.max(load_partial<C>(x + full8, rest8, minus_inf));
+    max = m.maxCoeff();
+  }
+  // Second pass: blocks of kExpBlock while they fit, then blocks of 8, the last one padded
+  // (a function of n alone, so every pass computes each element the same way).
+  RowBlock<C> lanes = RowBlock<C>::Zero();
+  Index j = 0;
+  for (; j + kExpBlock <= n; j += kExpBlock) {
+    const Block r = raw_block<C>(load_block<C, kExpBlock>(x + j), max, score);
+    for (Index h = 0; h < kExpBlock; h += kRowBlock) lanes += r.template segment<kRowBlock>(h);
+    Out(raw + j) = r;
+  }
+  for (; j + kRowBlock <= n; j += kRowBlock) {
+    const RowBlock<C> r = raw_block<C>(load_block<C>(x + j), max, score);
+    lanes += r;
+    Eigen::Map<RowBlock<C>>(raw + j) = r;
+  }
+  if (j < n) {
+    // Padding lanes: -Inf gives 0 for softmax; the sigmoid's are zeroed before the sum.
+    const Index rest = n - j;
+    RowBlock<C> r = raw_block<C>(load_partial<C>(x + j, rest, minus_inf), max, score);
+    for (Index l = rest; l < kRowBlock; ++l) r[l] = C(0);
+    lanes += r;
+    store_partial(r, raw + j, rest);
+  }
+  const C sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  if (score == ScoreFunction::softmax) {
     // NaN, +Inf (inf - inf) and an all -Inf row (-inf - -inf) all make the sum NaN.
     norm.shift = max;
     norm.inv = C(1) / sum;
     return std::isfinite(sum) && sum > C(0);
   }
-  raw = (C(1) + (-xs.template cast<C>()).exp()).inverse();
-  const C sum = lane_sum(raw.data(), n);
   norm.shift = C(0);
   norm.inv = C(1) / (sum + kSigmoidNormEps<C>);
   return std::isfinite(sum) && max != std::numeric_limits<C>::infinity();
+}
+
+/// `raw_scores_to` into an aligned scratch array of size n.
+template <class S, class C>
+bool raw_scores(const S* x, Index n, ScoreFunction score, ScratchArray<C>& raw, RowNorm<C>& norm) {
+  MOEBAL_ASSERT(raw.size() == n);
+  return raw_scores_to(x, n, score, raw.data(), norm);
 }
 
 /// Builds the message for a row that `raw_scores` rejected and throws it.

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -79,50 +80,105 @@ inline constexpr Index kTopkLanes = 8;
 /// Up to this k, top-k uses the threshold method first; above it, the exact method only.
 inline constexpr Index kThresholdTopkMaxK = 16;
 
-/// The threshold method's search with a compile-time bound K >= k on the lane-list depth (so
-/// the lane lists live in registers when K is small). See `topk_threshold`.
+/// The lane lists of the threshold method: each of kTopkLanes lanes keeps its K largest
+/// values (sorted, with multiplicity) through a min/max insertion network (vector operations
+/// only, no branch). K is a compile-time bound >= k, so the lists live in registers when K is
+/// small. Values are inserted a block of kTopkLanes at a time, in any order.
 template <Index K, class C>
-bool topk_threshold_fixed(const C* q, Index n, Index k, C& tau, C& top) {
+struct LaneTopk {
   using Block = Eigen::Array<C, kTopkLanes, 1>;
-  constexpr C lowest = -std::numeric_limits<C>::infinity();
-  Block best[K];
-  for (Index r = 0; r < K; ++r) best[r].setConstant(lowest);
-  auto insert = [&](Block v) {
+  static constexpr C lowest = -std::numeric_limits<C>::infinity();
+
+  LaneTopk() {
+    for (Index r = 0; r < K; ++r) best[r].setConstant(lowest);
+  }
+
+  void insert(Block v) {
     for (Index r = 0; r < K; ++r) {
       const Block higher = best[r].max(v);
       v = best[r].min(v);
       best[r] = higher;
     }
-  };
-  Index j = 0;
-  for (; j + kTopkLanes <= n; j += kTopkLanes) insert(Eigen::Map<const Block>(q + j));
-  if (j < n) {
-    Block tail = Block::Constant(lowest);
-    for (Index l = 0; j + l < n; ++l) tail[l] = q[j + l];
-    insert(tail);
   }
-  // Merge the 8 sorted lane lists: k rounds of "take the largest lane head".
-  Index depth[kTopkLanes] = {};
-  for (Index round = 0; round < k; ++round) {
-    Index lane = 0;
-    C value = lowest;
-    for (Index l = 0; l < kTopkLanes; ++l) {
-      const C head = depth[l] < k ? best[depth[l]][l] : lowest;
-      if (head > value) {
-        value = head;
-        lane = l;
+
+  /// The largest value.
+  C top() const { return best[0].maxCoeff(); }
+
+  /// The k-th largest value inserted, counted with multiplicity (k <= K): k rounds of "take
+  /// the largest lane head" (the first lane holding it; which one does not matter, only the
+  /// values taken do).
+  C kth(Index k) const {
+    if (k == 1) return top();
+    Index depth[kTopkLanes] = {};
+    C tau = lowest;
+    for (Index round = 0; round < k; ++round) {
+      Index lane = 0;
+      C value = lowest;
+      for (Index l = 0; l < kTopkLanes; ++l) {
+        const C head = depth[l] < k ? best[depth[l]][l] : lowest;
+        const bool higher = head > value;
+        value = higher ? head : value;
+        lane = higher ? l : lane;
       }
+      ++depth[lane];
+      tau = value;
     }
-    ++depth[lane];
-    tau = value;
+    return tau;
   }
-  top = best[0].maxCoeff();
+
+  Block best[K];
+};
+
+/// The threshold method's search: writes tau, the k-th largest value of q[0..n) counted with
+/// multiplicity, and top, the largest. No verification (see `topk_threshold`).
+template <Index K, class C>
+void topk_threshold_search(const C* q, Index n, Index k, C& tau, C& top) {
+  using Lists = LaneTopk<K, C>;
+  using Block = typename Lists::Block;
+  Lists lists;
+  Index j = 0;
+  for (; j + kTopkLanes <= n; j += kTopkLanes) lists.insert(Eigen::Map<const Block>(q + j));
+  if (j < n) {
+    Block tail = Block::Constant(Lists::lowest);
+    for (Index l = 0; j + l < n; ++l) tail[l] = q[j + l];
+    lists.insert(tail);
+  }
+  top = lists.top();
+  tau = lists.kth(k);
+}
+
+/// The threshold method with its verification: see `topk_threshold`.
+template <Index K, class C>
+bool topk_threshold_fixed(const C* q, Index n, Index k, C& tau, C& top) {
+  topk_threshold_search<K>(q, n, k, tau, top);
   Index selected = 0, at_top = 0;
   for (Index i = 0; i < n; ++i) {
     selected += q[i] >= tau ? 1 : 0;
     at_top += q[i] == top ? 1 : 0;
   }
   return selected == k && at_top == 1;
+}
+
+/// Calls f(std::integral_constant<Index, K>{}) with the lane-list depth K used for k
+/// (k <= kThresholdTopkMaxK): 1, 2, 4, 8 or 16.
+template <class F>
+decltype(auto) with_topk_depth(Index k, F&& f) {
+  switch (k) {
+    case 1:
+      return f(std::integral_constant<Index, 1>{});
+    case 2:
+      return f(std::integral_constant<Index, 2>{});
+    case 3:
+    case 4:
+      return f(std::integral_constant<Index, 4>{});
+    case 5:
+    case 6:
+    case 7:
+    case 8:
+      return f(std::integral_constant<Index, 8>{});
+    default:
+      return f(std::integral_constant<Index, kThresholdTopkMaxK>{});
+  }
 }
 
 /// The threshold method's search, for k <= kThresholdTopkMaxK. Each of 8 lanes keeps its k

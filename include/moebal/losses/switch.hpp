@@ -33,6 +33,7 @@
 #include "moebal/core/types.hpp"
 #include "moebal/core/scores.hpp"
 #include "moebal/detail/input.hpp"
+#include "moebal/detail/parallel.hpp"
 #include "moebal/detail/reduce.hpp"
 #include "moebal/detail/score_kernels.hpp"
 #include "moebal/detail/topk_kernels.hpp"
@@ -173,8 +174,9 @@ inline SwitchStats make_switch_stats(const RoutingStatistics& statistics, const 
   return s;
 }
 
-/// Rows per accumulation chunk. Chunk partial sums are combined in chunk order, so sums do not
-/// depend on how chunks are later spread over threads.
+/// Rows per accumulation chunk. Chunks are grouped into a fixed partition of blocks (see
+/// detail/parallel.hpp) whose partial sums are combined in block order, so sums do not depend
+/// on how the blocks are spread over threads.
 inline constexpr Index kSwitchChunkRows = 512;
 
 }  // namespace detail
@@ -191,7 +193,9 @@ SwitchAuxResult<compute_type_t<typename Derived::Scalar>> switch_aux_loss(
 ///             caller's row-major T x N buffer, recomputing each row's scores from the logits.
 ///   forward_backward: both in two passes, using the output buffer to hold the scores between
 ///             them (the fastest form when the gradient is written, not accumulated).
-/// backward must be given the same logits as the last forward.
+/// backward must be given the same logits as the last forward. Every phase runs its token
+/// chunks on up to `moebal::num_threads()` OpenMP threads (<moebal/core/threads.hpp>); the
+/// results are bitwise identical for any thread count.
 ///
 /// @tparam Scalar the logits' type: float, double, Eigen::bfloat16 or Eigen::half. Rows are
 ///   computed in `Compute` (float for bfloat16/half, converted one row at a time: the logits
@@ -300,14 +304,44 @@ class SwitchAuxLoss {
     statistics_ = RoutingStatistics(num_experts);
     f_ = Eigen::VectorXd::Zero(num_experts);
     f_compute_.setZero(num_experts);
-    raw_.resize(num_experts);
-    reader_.resize(num_experts);
-    scores_.resize(num_experts);
-    chunk_sums_.resize(num_experts);
-    chunk_counts_.resize(num_experts);
-    chunk_first_.resize(num_experts);
-    selected_.resize(static_cast<std::size_t>(k));
-    topk_scratch_.resize(num_experts, k);
+    ensure_lanes(1);
+  }
+
+  // Per-thread scratch: one row's values and one chunk's partial sums. O(N) per thread.
+  struct Lane {
+    detail::ScratchArray<Compute> raw;           // N, one row's raw scores (aligned)
+    detail::RowReader<Scalar, Compute> reader;   // one row converted (half-precision input)
+    detail::ScratchArray<Compute> scores;        // N, one row's scores
+    Eigen::ArrayXd chunk_sums;                   // N, one chunk's score sums
+    detail::ScratchArray<Compute> chunk_counts;  // N, one chunk's top-k counts
+    detail::ScratchArray<Compute> chunk_first;   // N, one chunk's first-choice counts
+    double chunk_tokens = 0.0;                   // real tokens of the chunk
+    Eigen::ArrayXd thread_counts;                // N, this thread's top-k counts (exact)
+    Eigen::ArrayXd thread_first;                 // N, this thread's first-choice counts
+    double thread_tokens = 0.0;                  // this thread's real tokens
+    std::vector<Index> selected;                 // k
+    detail::TopkScratch<Compute> topk;
+  };
+
+  // Sizes the scratch of `threads` threads (allocates only when the thread count grows).
+  void ensure_lanes(int threads) {
+    const std::size_t wanted = static_cast<std::size_t>(threads);
+    if (lanes_.size() >= wanted) return;
+    const std::size_t old = lanes_.size();
+    lanes_.resize(wanted);
+    for (std::size_t i = old; i < wanted; ++i) {
+      Lane& lane = lanes_[i];
+      lane.raw.resize(num_experts_);
+      lane.reader.resize(num_experts_);
+      lane.scores.resize(num_experts_);
+      lane.chunk_sums.resize(num_experts_);
+      lane.chunk_counts.resize(num_experts_);
+      lane.chunk_first.resize(num_experts_);
+      lane.thread_counts.resize(num_experts_);
+      lane.thread_first.resize(num_experts_);
+      lane.selected.resize(static_cast<std::size_t>(k_));
+      lane.topk.resize(num_experts_, k_);
+    }
   }
 
   template <class Derived>
@@ -329,6 +363,8 @@ class SwitchAuxLoss {
   }
 
   // Phase 1. When `raw_out` is given, each real row's raw scores are left in it for phase 2.
+  // Blocks of chunks of kSwitchChunkRows rows run on the threads; their partial sums are added
+  // to the statistics in block order, so the result does not depend on the thread count.
   Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                        const TokenMask& mask, RowMatrixRef<Compute>* raw_out) {
     rows_ = -1;  // no valid forward until this one completes
@@ -337,55 +373,121 @@ class SwitchAuxLoss {
     const Index rows = x.rows(), n = num_experts_;
     norms_.resize(static_cast<std::size_t>(rows));
     statistics_.clear();
+    // Rows -> chunk partials -> block partials (one thread per block) -> the total, blocks in
+    // order; counts are exact integers, summed per thread. See detail/parallel.hpp.
+    const Index chunks = (rows + detail::kSwitchChunkRows - 1) / detail::kSwitchChunkRows;
+    const detail::BlockPartition partition(chunks);
+    const int threads = detail::threads_for(partition.blocks);
+    ensure_lanes(threads);
+    const std::size_t block_values = static_cast<std::size_t>(partition.blocks * n);
+    if (block_sums_.size() < block_values) block_sums_.resize(block_values);
+    for (int i = 0; i < threads; ++i) {
+      Lane& lane = lanes_[static_cast<std::size_t>(i)];
+      lane.thread_counts.setZero();
+      lane.thread_first.setZero();
+      lane.thread_tokens = 0.0;
+    }
+    detail::for_blocks(partition, threads, [&](int thread, Index block) {
+      Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+      Eigen::Map<Eigen::ArrayXd> block_sum(block_sums_.data() + block * n, n);
+      block_sum.setZero();
+      for (Index chunk = partition.begin(block); chunk < partition.end(block); ++chunk) {
+        const Index begin = chunk * detail::kSwitchChunkRows;
+        const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
+        accumulate_chunk(function, x, mask, raw_out, lane, begin, end);
+        block_sum += lane.chunk_sums;
+        lane.thread_counts += lane.chunk_counts.template cast<double>();
+        lane.thread_first += lane.chunk_first.template cast<double>();
+        lane.thread_tokens += lane.chunk_tokens;
+      }
+    });
     double& tokens = statistics_.mutable_tokens();
     auto counts = statistics_.mutable_counts();
     auto first = statistics_.mutable_first_choice_counts();
     auto sums = statistics_.mutable_score_sums();
-    for (Index begin = 0; begin < rows; begin += detail::kSwitchChunkRows) {
-      const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
-      chunk_sums_.setZero();
-      chunk_counts_.setZero();
-      chunk_first_.setZero();
-      for (Index t = begin; t < end; ++t) {
-        detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-        if (!mask.is_real(t)) {
-          norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
-          continue;
-        }
-        const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
-        if (!detail::raw_scores(row, n, options_.score, raw_, norm)) {
-          detail::throw_invalid_row(function, row, n, t, options_.score);
-        }
-        detail::scores_from_raw(raw_, norm, scores_);
-        Compute tau = Compute(0), top = Compute(0);
-        const Compute* q = scores_.data();
-        if (k_ <= detail::kThresholdTopkMaxK && detail::topk_threshold(q, n, k_, tau, top)) {
-          // No tie around the top k: the selection is {j : q_j >= tau}, the first choice the
-          // unique maximum. Counted with vector adds (exact: a chunk counts at most 512).
-          Compute* cc = chunk_counts_.data();
-          Compute* cf = chunk_first_.data();
-          for (Index j = 0; j < n; ++j) {
-            cc[j] += q[j] >= tau ? Compute(1) : Compute(0);
-            cf[j] += q[j] == top ? Compute(1) : Compute(0);
-          }
-        } else {
-          detail::topk_row_exact(scores_.data(), n, k_, selected_.data(), topk_scratch_);
-          for (Index s = 0; s < k_; ++s) chunk_counts_[selected_[std::size_t(s)]] += Compute(1);
-          chunk_first_[selected_[0]] += Compute(1);
-        }
-        double* cs = chunk_sums_.data();
-        for (Index j = 0; j < n; ++j) cs[j] += static_cast<double>(q[j]);
-        tokens += 1.0;
-        if (raw_out != nullptr) raw_out->row(t) = raw_.transpose().matrix();
-      }
-      sums += chunk_sums_.matrix();
-      counts += chunk_counts_.template cast<double>().matrix();
-      first += chunk_first_.template cast<double>().matrix();
+    for (Index block = 0; block < partition.blocks; ++block) {
+      sums += Eigen::Map<const Eigen::VectorXd>(block_sums_.data() + block * n, n);
+    }
+    for (int i = 0; i < threads; ++i) {
+      const Lane& lane = lanes_[static_cast<std::size_t>(i)];
+      counts += lane.thread_counts.matrix();
+      first += lane.thread_first.matrix();
+      tokens += lane.thread_tokens;
     }
     update_f();
     loss_ = tokens > 0 ? options_.coefficient * double(n) * f_.dot(sums) / tokens : 0.0;
     rows_ = rows;
     return static_cast<Compute>(loss_);
+  }
+
+  // One chunk of phase 1: rows [begin, end) into the lane's partial sums.
+  void accumulate_chunk(const char* function, const detail::RowInput<Scalar>& x,
+                        const TokenMask& mask, RowMatrixRef<Compute>* raw_out, Lane& lane,
+                        Index begin, Index end) {
+    const Index n = num_experts_;
+    lane.chunk_sums.setZero();
+    lane.chunk_counts.setZero();
+    lane.chunk_first.setZero();
+    lane.chunk_tokens = 0.0;
+    for (Index t = begin; t < end; ++t) {
+      detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+      if (!mask.is_real(t)) {
+        norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
+        continue;
+      }
+      const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
+      // The raw scores go straight into the output row when it carries them to phase 2.
+      Compute* raw = raw_out != nullptr ? raw_out->data() + t * raw_out->outerStride()
+                                        : lane.raw.data();
+      if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
+        detail::throw_invalid_row(function, row, n, t, options_.score);
+      }
+      Compute* q = lane.scores.data();
+      const Compute inv = norm.inv;
+      for (Index j = 0; j < n; ++j) q[j] = raw[j] * inv;
+      double* cs = lane.chunk_sums.data();
+      Compute* cc = lane.chunk_counts.data();
+      Compute* cf = lane.chunk_first.data();
+      bool counted = false;
+      if (k_ <= detail::kThresholdTopkMaxK) {
+        Compute tau = Compute(0), top = Compute(0);
+        detail::with_topk_depth(k_, [&](auto depth) {
+          detail::topk_threshold_search<decltype(depth)::value>(q, n, k_, tau, top);
+        });
+        // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
+        // the selection is {j : q_j >= tau} and the first choice the maximum: counted with
+        // vector adds in the same pass as the score sums (exact: a chunk counts at most 512),
+        // and taken back on the rare tie. (Integer totals: the compiler may keep them in
+        // vector lanes.)
+        std::int32_t selected = 0, at_top = 0;
+        for (Index j = 0; j < n; ++j) {
+          const bool in_topk = q[j] >= tau, is_top = q[j] == top;
+          cc[j] += in_topk ? Compute(1) : Compute(0);
+          cf[j] += is_top ? Compute(1) : Compute(0);
+          selected += in_topk ? 1 : 0;
+          at_top += is_top ? 1 : 0;
+          cs[j] += static_cast<double>(q[j]);
+        }
+        counted = selected == k_ && at_top == 1;
+        if (!counted) {
+          for (Index j = 0; j < n; ++j) {
+            cc[j] -= q[j] >= tau ? Compute(1) : Compute(0);
+            cf[j] -= q[j] == top ? Compute(1) : Compute(0);
+          }
+        }
+      } else {
+        for (Index j = 0; j < n; ++j) cs[j] += static_cast<double>(q[j]);
+      }
+      if (!counted) {
+        // Ties around the top k (or k above the threshold method's range): the exact method on
+        // the scores, ties to the lower expert index.
+        detail::topk_row_exact(static_cast<const Compute*>(q), n, k_, lane.selected.data(),
+                               lane.topk);
+        for (Index s = 0; s < k_; ++s) cc[lane.selected[std::size_t(s)]] += Compute(1);
+        cf[lane.selected[0]] += Compute(1);
+      }
+      lane.chunk_tokens += 1.0;
+    }
   }
 
   // f_i from the counts in the chosen convention (see SwitchConvention).
@@ -401,7 +503,8 @@ class SwitchAuxLoss {
   }
 
   // Phase 2 over every row. `raw_in_out`: phase 1 left each real row's raw scores in the
-  // output buffer (forward_backward); otherwise they are recomputed from the logits.
+  // output buffer (forward_backward); otherwise they are recomputed from the logits. Rows are
+  // independent: chunks of rows run on the threads.
   template <bool Accumulate, class Out>
   void apply_rows(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out>& out,
                   Compute scale, bool raw_in_out) {
@@ -410,31 +513,40 @@ class SwitchAuxLoss {
     const Compute factor =
         tokens > 0 ? static_cast<Compute>(double(scale) * options_.coefficient * double(n) / tokens)
                    : Compute(0);
-    for (Index t = 0; t < rows_; ++t) {
-      const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-      Out* dx = out.data() + t * out.outerStride();
-      if (norm.inv == Compute(0)) {  // padded token
-        if constexpr (!Accumulate) std::fill(dx, dx + n, Out(0));
-        continue;
-      }
-      const Compute* raw = raw_.data();
-      if constexpr (std::is_same_v<Out, Compute>) {
-        if (raw_in_out) raw = dx;
-      } else {
-        MOEBAL_ASSERT(!raw_in_out);
-      }
-      if (!raw_in_out) {
-        detail::RowNorm<Compute> again;
-        const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
-        if (!detail::raw_scores(row, n, options_.score, raw_, again)) {
-          detail::throw_invalid_row(function, row, n, t, options_.score);
+    const Index rows = rows_;
+    const Index chunks = (rows + detail::kSwitchChunkRows - 1) / detail::kSwitchChunkRows;
+    const int threads = detail::threads_for(chunks);
+    ensure_lanes(threads);
+    detail::for_chunks(chunks, threads, [&](int thread, Index chunk) {
+      Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+      const Index begin = chunk * detail::kSwitchChunkRows;
+      const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
+      for (Index t = begin; t < end; ++t) {
+        const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+        Out* dx = out.data() + t * out.outerStride();
+        if (norm.inv == Compute(0)) {  // padded token
+          if constexpr (!Accumulate) std::fill(dx, dx + n, Out(0));
+          continue;
         }
-        raw = raw_.data();
+        const Compute* raw = lane.raw.data();
+        if constexpr (std::is_same_v<Out, Compute>) {
+          if (raw_in_out) raw = dx;
+        } else {
+          MOEBAL_ASSERT(!raw_in_out);
+        }
+        if (!raw_in_out) {
+          detail::RowNorm<Compute> again;
+          const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
+          if (!detail::raw_scores(row, n, options_.score, lane.raw, again)) {
+            detail::throw_invalid_row(function, row, n, t, options_.score);
+          }
+          raw = lane.raw.data();
+        }
+        const Compute g_dot_q = detail::dot_with_scores(f_compute_.data(), raw, norm, n);
+        detail::score_vjp_row<Accumulate>(raw, norm, f_compute_.data(), g_dot_q, factor,
+                                          options_.score, n, dx);
       }
-      const Compute g_dot_q = detail::dot_with_scores(f_compute_.data(), raw, norm, n);
-      detail::score_vjp_row<Accumulate>(raw, norm, f_compute_.data(), g_dot_q, factor,
-                                        options_.score, n, dx);
-    }
+    });
   }
 
   template <bool Accumulate, class Out>
@@ -478,14 +590,8 @@ class SwitchAuxLoss {
   RoutingStatistics statistics_;
   Eigen::VectorXd f_;                               // N, double
   detail::ScratchArray<Compute> f_compute_;         // N, f in the compute type
-  detail::ScratchArray<Compute> raw_;               // N, one row's raw scores (aligned)
-  detail::RowReader<Scalar, Compute> reader_;       // one row converted (half-precision input)
-  detail::ScratchArray<Compute> scores_;            // N, one row's scores
-  Eigen::ArrayXd chunk_sums_;                       // N, one chunk's score sums
-  detail::ScratchArray<Compute> chunk_counts_;      // N, one chunk's top-k counts
-  detail::ScratchArray<Compute> chunk_first_;       // N, one chunk's first-choice counts
-  std::vector<Index> selected_;                     // k
-  detail::TopkScratch<Compute> topk_scratch_;
+  std::vector<Lane> lanes_;                         // per thread: row and chunk scratch
+  std::vector<double> block_sums_;                  // blocks x N score sums (<= 64 blocks)
   std::vector<detail::RowNorm<Compute>> norms_;     // T, per token; inv == 0 marks padding
   Index rows_ = -1;                                 // T of the last completed forward
   double loss_ = 0.0;

@@ -26,6 +26,7 @@
 #include "moebal/core/error.hpp"
 #include "moebal/core/types.hpp"
 #include "moebal/detail/input.hpp"
+#include "moebal/detail/parallel.hpp"
 #include "moebal/detail/score_kernels.hpp"
 
 namespace moebal {
@@ -54,6 +55,8 @@ struct ZLossResult {
 /// The z-loss as a reusable object that allocates nothing in steady state: `forward` reads the
 /// logits once and keeps lse_t and the softmax normalizer per token; `backward` writes (or
 /// `backward_accumulate` adds) scale * d L / d logits into the caller's row-major buffer.
+/// Both run their token chunks on up to `moebal::num_threads()` threads with results bitwise
+/// identical for any thread count (see <moebal/core/threads.hpp>).
 /// @tparam Scalar the logits' type: float, double, Eigen::bfloat16 or Eigen::half. Computation
 ///   is in `Compute` (float for bfloat16/half); sums over tokens accumulate in double. The
 ///   gradient buffer may hold Scalar or Compute elements.
@@ -119,26 +122,48 @@ class ZLoss {
     detail::check_mask(function, mask, x.rows());
     const Index rows = x.rows(), n = x.cols();
     cols_ = n;
-    raw_.resize(n);
-    reader_.resize(n);
     norms_.resize(static_cast<std::size_t>(rows));
     lse_.resize(static_cast<std::size_t>(rows));
+    // Rows -> chunk sums -> block sums (one thread per block) -> the total, blocks in order:
+    // the same rounding for any thread count (detail/parallel.hpp).
+    const Index chunks = (rows + kChunkRows - 1) / kChunkRows;
+    const detail::BlockPartition partition(chunks);
+    const int threads = detail::threads_for(partition.blocks);
+    ensure_lanes(threads, n);
+    block_sums_.resize(static_cast<std::size_t>(partition.blocks));
+    block_tokens_.resize(static_cast<std::size_t>(partition.blocks));
+    detail::for_blocks(partition, threads, [&](int thread, Index block) {
+      Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+      double block_sum = 0.0;
+      std::int64_t block_tokens = 0;
+      for (Index chunk = partition.begin(block); chunk < partition.end(block); ++chunk) {
+        const Index begin = chunk * kChunkRows, end = std::min(rows, begin + kChunkRows);
+        double chunk_sum = 0.0;
+        for (Index t = begin; t < end; ++t) {
+          detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+          if (!mask.is_real(t)) {
+            norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding
+            continue;
+          }
+          const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
+          if (!detail::raw_scores(row, n, ScoreFunction::softmax, lane.raw, norm)) {
+            detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
+          }
+          const Compute lse = norm.shift - std::log(norm.inv);
+          lse_[static_cast<std::size_t>(t)] = lse;
+          chunk_sum += double(lse) * double(lse);
+          ++block_tokens;
+        }
+        block_sum += chunk_sum;
+      }
+      block_sums_[static_cast<std::size_t>(block)] = block_sum;
+      block_tokens_[static_cast<std::size_t>(block)] = block_tokens;
+    });
     double sum = 0.0;
     std::int64_t tokens = 0;
-    for (Index t = 0; t < rows; ++t) {
-      detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-      if (!mask.is_real(t)) {
-        norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding
-        continue;
-      }
-      const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
-      if (!detail::raw_scores(row, n, ScoreFunction::softmax, raw_, norm)) {
-        detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
-      }
-      const Compute lse = norm.shift - std::log(norm.inv);
-      lse_[static_cast<std::size_t>(t)] = lse;
-      sum += double(lse) * double(lse);
-      ++tokens;
+    for (Index block = 0; block < partition.blocks; ++block) {
+      sum += block_sums_[static_cast<std::size_t>(block)];
+      tokens += block_tokens_[static_cast<std::size_t>(block)];
     }
     tokens_ = tokens;
     mean_squared_lse_ = tokens > 0 ? sum / double(tokens) : 0.0;
@@ -165,22 +190,31 @@ class ZLoss {
     const Index n = cols_;
     // d L / d x_tj = a (2/T) lse_t p_tj.
     const double factor = tokens_ > 0 ? double(scale) * coefficient_ * 2.0 / double(tokens_) : 0.0;
-    for (Index t = 0; t < rows_; ++t) {
-      const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-      Out* dx = out.data() + t * out.outerStride();
-      if (norm.inv == Compute(0)) {
-        if constexpr (!Accumulate) std::fill(dx, dx + n, Out(0));
-        continue;
+    const Index rows = rows_;
+    const Index chunks = (rows + kChunkRows - 1) / kChunkRows;
+    const int threads = detail::threads_for(chunks);
+    ensure_lanes(threads, n);
+    detail::for_chunks(chunks, threads, [&](int thread, Index chunk) {
+      Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+      const Index begin = chunk * kChunkRows, end = std::min(rows, begin + kChunkRows);
+      for (Index t = begin; t < end; ++t) {
+        const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+        Out* dx = out.data() + t * out.outerStride();
+        if (norm.inv == Compute(0)) {
+          if constexpr (!Accumulate) std::fill(dx, dx + n, Out(0));
+          continue;
+        }
+        const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
+        detail::RowNorm<Compute> again;
+        if (!detail::raw_scores(row, n, ScoreFunction::softmax, lane.raw, again)) {
+          detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
+        }
+        const Compute row_factor =
+            static_cast<Compute>(factor * double(lse_[static_cast<std::size_t>(t)])) * norm.inv;
+        const Compute* raw = lane.raw.data();
+        for (Index j = 0; j < n; ++j) detail::store<Accumulate>(dx[j], Compute(row_factor * raw[j]));
       }
-      const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
-      detail::RowNorm<Compute> again;
-      if (!detail::raw_scores(row, n, ScoreFunction::softmax, raw_, again)) {
-        detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
-      }
-      const Compute row_factor =
-          static_cast<Compute>(factor * double(lse_[static_cast<std::size_t>(t)])) * norm.inv;
-      for (Index j = 0; j < n; ++j) detail::store<Accumulate>(dx[j], Compute(row_factor * raw_[j]));
-    }
+    });
   }
 
  private:
@@ -191,9 +225,32 @@ class ZLoss {
                   "float logits, ZLoss<double> for double, ZLoss<Eigen::bfloat16> for bfloat16");
   }
 
+  // Rows per chunk of the threaded loops (fixed: results do not depend on the thread count).
+  static constexpr Index kChunkRows = 512;
+
+  // Per-thread scratch: one row's raw scores and its conversion (half-precision input).
+  struct Lane {
+    detail::ScratchArray<Compute> raw;
+    detail::RowReader<Scalar, Compute> reader;
+  };
+
+  // Sizes `threads` lanes for N experts (allocates only when they grow).
+  void ensure_lanes(int threads, Index n) {
+    if (lanes_.size() < static_cast<std::size_t>(threads)) {
+      lanes_.resize(static_cast<std::size_t>(threads));
+    }
+    for (Lane& lane : lanes_) {
+      if (lane.raw.size() != n) {
+        lane.raw.resize(n);
+        lane.reader.resize(n);
+      }
+    }
+  }
+
   double coefficient_;
-  detail::ScratchArray<Compute> raw_;
-  detail::RowReader<Scalar, Compute> reader_;
+  std::vector<Lane> lanes_;
+  std::vector<double> block_sums_;          // per block of chunks: sum of lse^2
+  std::vector<std::int64_t> block_tokens_;  // per block: real tokens
   std::vector<detail::RowNorm<Compute>> norms_;
   std::vector<Compute> lse_;
   Index rows_ = -1;

@@ -1,0 +1,232 @@
+// SPDX-License-Identifier: Apache-2.0
+// moebal::set_num_threads and the threaded kernels: every threaded kernel gives bitwise
+// identical results (loss, statistics, gradient) on 1, 2 and 4 threads, and reports the same
+// first bad row whatever the thread count.
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "moebal/core/threads.hpp"
+#include "moebal/moebal.hpp"
+#include "support/random.hpp"
+
+using moebal::Index;
+using moebal::RowMatrix;
+using moebal_test::random_logits;
+
+namespace {
+
+// Sets the thread count for a scope and restores OpenMP's default after it.
+class ThreadScope {
+ public:
+  explicit ThreadScope(int threads) { moebal::set_num_threads(threads); }
+  ~ThreadScope() { moebal::set_num_threads(0); }
+  ThreadScope(const ThreadScope&) = delete;
+  ThreadScope& operator=(const ThreadScope&) = delete;
+};
+
+constexpr int kThreadCounts[] = {1, 2, 4};
+
+// Logits with several chunks of rows (the kernels' chunk is 512 rows), the last one partial,
+// and some exact ties so that the slow top-k path runs too.
+template <class T>
+RowMatrix<T> threaded_logits(Index rows, Index cols, unsigned seed) {
+  RowMatrix<T> x = random_logits(rows, cols, 1.5, seed).cast<T>();
+  for (Index t = 0; t < rows; t += 37) x(t, cols - 1) = x(t, 0);
+  for (Index t = 5; t < rows; t += 101) x.row(t).setConstant(T(0.25));
+  return x;
+}
+
+Eigen::VectorXi threaded_mask(Index rows) {
+  Eigen::VectorXi mask = Eigen::VectorXi::Ones(rows);
+  for (Index t = 3; t < rows; t += 97) mask[t] = 0;
+  for (Index t = 1024; t < 1536 && t < rows; ++t) mask[t] = 0;  // a whole padded chunk
+  return mask;
+}
+
+template <class T>
+struct SwitchRun {
+  T value = 0, value_fb = 0;
+  RowMatrix<T> grad, grad_fb, grad_acc;
+  Eigen::VectorXd counts, first, sums;
+  double tokens = 0;
+  T one_line = 0;
+  RowMatrix<T> one_line_grad;
+};
+
+template <class T>
+SwitchRun<T> run_switch(const RowMatrix<T>& x, const moebal::TokenMask& mask, Index k,
+                        const moebal::SwitchOptions& options) {
+  SwitchRun<T> r;
+  moebal::SwitchAuxLoss<T> loss(x.cols(), k, options);
+  r.grad_fb.resize(x.rows(), x.cols());
+  r.value_fb = loss.forward_backward(x, r.grad_fb, mask, T(0.75));
+  r.value = loss.forward(x, mask);
+  r.counts = loss.statistics().counts();
+  r.first = loss.statistics().first_choice_counts();
+  r.sums = loss.statistics().score_sums();
+  r.tokens = loss.statistics().tokens();
+  r.grad.resize(x.rows(), x.cols());
+  loss.backward(x, r.grad);
+  r.grad_acc = RowMatrix<T>::Constant(x.rows(), x.cols(), T(0.5));
+  loss.backward_accumulate(x, r.grad_acc, T(-2));
+  moebal::SwitchOptions with_mask = options;
+  with_mask.mask = mask;
+  const auto result = moebal::switch_aux_loss(x, k, with_mask);
+  r.one_line = result.loss;
+  r.one_line_grad = result.grad;
+  return r;
+}
+
+template <class T>
+void check_same(const SwitchRun<T>& a, const SwitchRun<T>& b) {
+  CHECK(a.value == b.value);
+  CHECK(a.value_fb == b.value_fb);
+  CHECK(a.tokens == b.tokens);
+  CHECK(a.counts == b.counts);
+  CHECK(a.first == b.first);
+  CHECK(a.sums == b.sums);
+  CHECK(a.grad == b.grad);
+  CHECK(a.grad_fb == b.grad_fb);
+  CHECK(a.grad_acc == b.grad_acc);
+  CHECK(a.one_line == b.one_line);
+  CHECK(a.one_line_grad == b.one_line_grad);
+}
+
+}  // namespace
+
+TEST_CASE("set_num_threads: the setting and its bounds", "[threads]") {
+  {
+    ThreadScope scope(3);
+#ifdef _OPENMP
+    CHECK(moebal::num_threads() == 3);
+#else
+    CHECK(moebal::num_threads() == 1);
+#endif
+  }
+  CHECK(moebal::num_threads() >= 1);
+  CHECK_THROWS_AS(moebal::set_num_threads(-1), moebal::invalid_argument);
+  CHECK_THROWS_WITH(moebal::set_num_threads(-2),
+                    Catch::Contains("threads") && Catch::Contains("-2"));
+}
+
+TEMPLATE_TEST_CASE("threads: the Switch loss is bitwise identical on 1, 2 and 4 threads",
+                   "[threads][determinism][switch]", float, double) {
+  using T = TestType;
+  const Index rows = 2600;
+  for (const Index cols : {Index(16), Index(7)}) {
+    const RowMatrix<T> x = threaded_logits<T>(rows, cols, 11u + unsigned(cols));
+    const Eigen::VectorXi mask_values = threaded_mask(rows);
+    for (const bool masked : {false, true}) {
+      const moebal::TokenMask mask = masked ? moebal::TokenMask(mask_values) : moebal::TokenMask();
+      for (const auto score : {moebal::ScoreFunction::softmax, moebal::ScoreFunction::sigmoid}) {
+        for (const auto convention :
+             {moebal::SwitchConvention::megatron, moebal::SwitchConvention::huggingface,
+              moebal::SwitchConvention::first_choice}) {
+          for (const Index k : {Index(1), Index(2), Index(5)}) {
+            moebal::SwitchOptions options;
+            options.score = score;
+            options.convention = convention;
+            options.coefficient = 0.01;
+            INFO("N = " << cols << ", masked = " << masked << ", " << moebal::to_string(score)
+                        << ", " << moebal::to_string(convention) << ", k = " << k);
+            SwitchRun<T> reference;
+            {
+              ThreadScope scope(1);
+              reference = run_switch(x, mask, k, options);
+            }
+            CHECK(reference.value > T(0));
+            for (const int threads : kThreadCounts) {
+              INFO("threads = " << threads);
+              ThreadScope scope(threads);
+              check_same(run_switch(x, mask, k, options), reference);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("threads: one Switch object reused across thread counts", "[threads][determinism][switch]") {
+  const RowMatrix<float> x = threaded_logits<float>(3000, 32, 5u);
+  moebal::SwitchAuxLoss<float> loss(32, 2);
+  RowMatrix<float> reference(3000, 32), grad(3000, 32);
+  float value = 0;
+  {
+    ThreadScope scope(1);
+    value = loss.forward_backward(x, reference);
+  }
+  for (const int threads : {4, 2, 1, 4}) {
+    ThreadScope scope(threads);
+    CHECK(loss.forward_backward(x, grad) == value);
+    CHECK(grad == reference);
+  }
+}
+
+TEST_CASE("threads: the first bad row is reported whatever the thread count",
+          "[threads][determinism][switch]") {
+  RowMatrix<float> x = threaded_logits<float>(4000, 8, 3u);
+  x(3500, 2) = std::numeric_limits<float>::quiet_NaN();
+  x(700, 5) = std::numeric_limits<float>::infinity();
+  x(2100, 1) = std::numeric_limits<float>::quiet_NaN();
+  RowMatrix<float> grad(4000, 8);
+  for (const int threads : kThreadCounts) {
+    INFO("threads = " << threads);
+    ThreadScope scope(threads);
+    moebal::SwitchAuxLoss<float> loss(8, 2);
+    CHECK_THROWS_WITH(loss.forward_backward(x, grad),
+                      Catch::Contains("row 700, column 5") && Catch::Contains("inf"));
+    CHECK_THROWS_WITH(moebal::switch_aux_loss(x, 2), Catch::Contains("row 700, column 5"));
+    // The object is usable again after the failed call.
+    CHECK(loss.forward_backward(x.topRows(600), grad.topRows(600)) > 0.0f);
+  }
+}
+
+TEMPLATE_TEST_CASE("threads: the z-loss is bitwise identical on 1, 2 and 4 threads",
+                   "[threads][determinism][z]", float, double) {
+  using T = TestType;
+  const Index rows = 2600;
+  for (const Index cols : {Index(16), Index(7)}) {
+    RowMatrix<T> x = threaded_logits<T>(rows, cols, 21u + unsigned(cols));
+    x(9, 2) = -std::numeric_limits<T>::infinity();  // a disabled expert
+    const Eigen::VectorXi mask_values = threaded_mask(rows);
+    for (const bool masked : {false, true}) {
+      INFO("N = " << cols << ", masked = " << masked);
+      const moebal::TokenMask mask = masked ? moebal::TokenMask(mask_values) : moebal::TokenMask();
+      auto run = [&] {
+        moebal::ZLoss<T> z(0.01);
+        std::pair<T, RowMatrix<T>> r;
+        r.first = z.forward(x, mask);
+        r.second = RowMatrix<T>::Constant(rows, cols, T(0.25));
+        z.backward_accumulate(x, r.second, T(3));
+        RowMatrix<T> written(rows, cols);
+        z.backward(x, written);
+        r.second += written;
+        moebal::ZLossOptions options;
+        options.coefficient = 0.01;
+        options.mask = mask;
+        const auto one_line = moebal::z_loss(x, options);
+        CHECK(one_line.loss == r.first);
+        CHECK(one_line.grad == written);
+        return r;
+      };
+      std::pair<T, RowMatrix<T>> reference;
+      {
+        ThreadScope scope(1);
+        reference = run();
+      }
+      CHECK(reference.first > T(0));
+      for (const int threads : kThreadCounts) {
+        INFO("threads = " << threads);
+        ThreadScope scope(threads);
+        const auto got = run();
+        CHECK(got.first == reference.first);
+        CHECK(got.second == reference.second);
+      }
+    }
+  }
+}
