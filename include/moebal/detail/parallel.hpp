@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <utility>
 
 #include "moebal/core/threads.hpp"
 #include "moebal/core/types.hpp"
@@ -73,35 +74,6 @@ struct BlockPartition {
   Index blocks;
 };
 
-/// body(thread, block) for every block of the partition on `threads` threads (static
-/// schedule: each block on one thread). The lowest throwing block's exception is rethrown.
-template <class Body>
-void for_blocks(const BlockPartition& partition, int threads, Body&& body) {
-  const Index blocks = partition.blocks;
-  if (threads <= 1 || blocks <= 1) {
-    for (Index b = 0; b < blocks; ++b) body(0, b);
-    return;
-  }
-#ifdef _OPENMP
-  ChunkErrors errors;
-#pragma omp parallel num_threads(threads)
-  {
-    const int thread = omp_get_thread_num();
-#pragma omp for schedule(static)
-    for (Index b = 0; b < blocks; ++b) {
-      try {
-        body(thread, b);
-      } catch (...) {
-        errors.record(b, std::current_exception());
-      }
-    }
-  }
-  errors.rethrow();
-#else
-  for (Index b = 0; b < blocks; ++b) body(0, b);
-#endif
-}
-
 /// body(thread, chunk) for independent chunks in [0, chunks) on `threads` threads (static
 /// schedule). The lowest throwing chunk's exception is rethrown at the end.
 template <class Body>
@@ -128,6 +100,13 @@ void for_chunks(Index chunks, int threads, Body&& body) {
 #else
   for (Index c = 0; c < chunks; ++c) body(0, c);
 #endif
+}
+
+/// body(thread, block) for every block of the partition on `threads` threads (static
+/// schedule: each block on one thread). The lowest throwing block's exception is rethrown.
+template <class Body>
+void for_blocks(const BlockPartition& partition, int threads, Body&& body) {
+  for_chunks(partition.blocks, threads, std::forward<Body>(body));
 }
 
 }  // namespace detail
