@@ -23,8 +23,6 @@ speed-up PyTorch / moebal. --json-out PATH writes the PyTorch figures for bench/
 import argparse
 import json
 import os
-import re
-import statistics
 import sys
 import time
 
@@ -37,30 +35,15 @@ except ImportError:  # pragma: no cover - depends on the machine
 SHAPES = [(4096, 8, 2), (65536, 64, 2), (262144, 64, 1), (262144, 64, 2), (262144, 64, 8),
           (65536, 256, 8)]
 
-UNIT_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
-NAME = re.compile(r"^(BM_\w+)<(\w+)>/T:(\d+)/N:(\d+)(?:/k:(\d+))?/th:(\d+)")
+# moebal_bench's JSON is read by the table script's own reader (same folder).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from summarize import load as load_moebal_json  # noqa: E402
 
 
 def read_moebal(path):
-    """(bench, dtype, T, N, k, threads) -> median milliseconds, from moebal_bench's JSON."""
-    with open(path) as f:
-        data = json.load(f)
-    samples, medians = {}, {}
-    for b in data["benchmarks"]:
-        m = NAME.match(b.get("run_name", b["name"]))
-        if not m or b.get("error_occurred"):
-            continue
-        bench, dtype, tokens, experts, k, threads = m.groups()
-        key = (bench, dtype, int(tokens), int(experts), int(k) if k else None, int(threads))
-        ms = b["real_time"] * UNIT_MS[b.get("time_unit", "ns")]
-        if b.get("run_type") == "aggregate":
-            if b.get("aggregate_name") == "median":
-                medians[key] = ms
-        else:
-            samples.setdefault(key, []).append(ms)
-    result = {key: statistics.median(v) for key, v in samples.items()}
-    result.update(medians)
-    return result
+    """(bench, dtype, T, N, k, threads) -> median milliseconds, from moebal_bench's JSON
+    (benchmarks that reported an error are left out)."""
+    return load_moebal_json(path)[0]
 
 
 def switch_loss(logits, k):
