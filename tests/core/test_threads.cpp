@@ -230,3 +230,188 @@ TEMPLATE_TEST_CASE("threads: the z-loss is bitwise identical on 1, 2 and 4 threa
     }
   }
 }
+
+namespace {
+
+// What a loss object gives on one thread count: values and every backward form.
+template <class T>
+struct LossRun {
+  std::vector<T> values;
+  std::vector<RowMatrix<T>> grads;
+};
+
+template <class T>
+void check_same(const LossRun<T>& a, const LossRun<T>& b) {
+  REQUIRE(a.values.size() == b.values.size());
+  REQUIRE(a.grads.size() == b.grads.size());
+  for (std::size_t i = 0; i < a.values.size(); ++i) {
+    INFO("value " << i);
+    CHECK(a.values[i] == b.values[i]);
+  }
+  for (std::size_t i = 0; i < a.grads.size(); ++i) {
+    INFO("gradient " << i);
+    CHECK(a.grads[i] == b.grads[i]);
+  }
+}
+
+// forward, backward, backward_accumulate of a fresh loss object from make().
+template <class T, class Make>
+LossRun<T> run_object(Make&& make, const RowMatrix<T>& x, const moebal::TokenMask& mask) {
+  LossRun<T> r;
+  auto loss = make();
+  r.values.push_back(loss.forward(x, mask));
+  RowMatrix<T> grad(x.rows(), x.cols());
+  loss.backward(x, grad);
+  r.grads.push_back(grad);
+  RowMatrix<T> acc = RowMatrix<T>::Constant(x.rows(), x.cols(), T(0.5));
+  loss.backward_accumulate(x, acc, T(-2));
+  r.grads.push_back(acc);
+  return r;
+}
+
+// The same run on 1, 2 and 4 threads; the reference must be a non-trivial loss.
+template <class T, class Run>
+void check_thread_counts(Run&& run) {
+  LossRun<T> reference;
+  {
+    ThreadScope scope(1);
+    reference = run();
+  }
+  REQUIRE(!reference.values.empty());
+  CHECK(reference.values.front() != T(0));
+  for (const int threads : kThreadCounts) {
+    INFO("threads = " << threads);
+    ThreadScope scope(threads);
+    check_same(run(), reference);
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("threads: the combined objective is bitwise identical on 1, 2 and 4 threads",
+                   "[threads][determinism][combined]", float, double) {
+  using T = TestType;
+  const Index rows = 2600, cols = 16;
+  const RowMatrix<T> x = threaded_logits<T>(rows, cols, 31u);
+  const Eigen::VectorXi mask_values = threaded_mask(rows);
+  for (const bool masked : {false, true}) {
+    const moebal::TokenMask mask = masked ? moebal::TokenMask(mask_values) : moebal::TokenMask();
+    for (const auto score : {moebal::ScoreFunction::softmax, moebal::ScoreFunction::sigmoid}) {
+      for (const int terms : {0, 1, 2}) {
+        moebal::CombinedOptions options;
+        options.score = score;
+        options.weights.switch_loss = 0.01;
+        options.weights.z = 0.001;
+        if (terms == 1) options.weights.cv2_importance = 0.1;
+        if (terms == 2) {
+          options.weights.sequence = 0.05;
+          options.layout = moebal::SequenceLayout::batch_major(100);
+        }
+        INFO("masked = " << masked << ", " << moebal::to_string(score) << ", terms " << terms);
+        check_thread_counts<T>([&] {
+          LossRun<T> r = run_object<T>(
+              [&] { return moebal::CombinedAuxLoss<T>(cols, 2, options); }, x, mask);
+          moebal::CombinedAuxLoss<T> fused(cols, 2, options);
+          RowMatrix<T> grad(rows, cols);
+          r.values.push_back(fused.forward_backward(x, grad, mask, T(0.75)));
+          r.grads.push_back(grad);
+          moebal::CombinedOptions one_line = options;
+          one_line.mask = mask;
+          const auto result = moebal::combined_aux_loss(x, 2, one_line);
+          r.values.push_back(result.loss);
+          r.grads.push_back(result.grad);
+          return r;
+        });
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("threads: the ScoredRows losses are bitwise identical on 1, 2 and 4 threads",
+                   "[threads][determinism][loss]", float, double) {
+  using T = TestType;
+  const Index rows = 2600, cols = 16;
+  const RowMatrix<T> x = threaded_logits<T>(rows, cols, 41u);
+  const Eigen::VectorXi mask_values = threaded_mask(rows);
+  const moebal::TokenMask mask(mask_values);
+  SECTION("CV2 of importance, top-k gates") {
+    moebal::Cv2Options options;
+    options.gates = moebal::ImportanceGates::topk;
+    check_thread_counts<T>([&] {
+      return run_object<T>([&] { return moebal::Cv2ImportanceLoss<T>(cols, 2, options); }, x,
+                           mask);
+    });
+  }
+  SECTION("sequence-level, sequence-major") {
+    moebal::SequenceOptions options;
+    options.score = moebal::ScoreFunction::sigmoid;
+    check_thread_counts<T>([&] {
+      return run_object<T>(
+          [&] {
+            return moebal::SequenceAuxLoss<T>(cols, 3, moebal::SequenceLayout::sequence_major(50),
+                                              options);
+          },
+          x, mask);
+    });
+  }
+  SECTION("DeepSeek-V2 communication balance") {
+    moebal::DeviceBalanceOptions options;
+    options.devices = 4;
+    options.max_devices = 2;
+    check_thread_counts<T>([&] {
+      return run_object<T>(
+          [&] {
+            return moebal::DeviceBalanceLoss<T>(cols, 2,
+                                                moebal::DeviceBalanceKind::communication, options);
+          },
+          x, mask);
+    });
+  }
+  SECTION("global batch, two micro-batches") {
+    check_thread_counts<T>([&] {
+      LossRun<T> r;
+      moebal::GlobalBatchBalance<T> balance(cols, 2);
+      const RowMatrix<T> second = threaded_logits<T>(1700, cols, 43u);
+      balance.count(x, mask);
+      balance.count(second);
+      balance.synchronize();
+      RowMatrix<T> grad(rows, cols);
+      r.values.push_back(balance.forward_backward(x, grad, mask));
+      r.grads.push_back(grad);
+      r.values.push_back(balance.forward(second));
+      RowMatrix<T> grad2(second.rows(), cols);
+      balance.backward(second, grad2);
+      r.grads.push_back(grad2);
+      moebal::RunningGlobalBalance<T> running(cols, 2);
+      r.values.push_back(running.forward_backward(second, grad2, moebal::NoSync{}));
+      r.values.push_back(running.forward_backward(x, grad, moebal::NoSync{}, mask));
+      r.grads.push_back(grad);
+      return r;
+    });
+  }
+}
+
+TEST_CASE("threads: the ScoredRows losses report the first bad row whatever the thread count",
+          "[threads][determinism][loss]") {
+  RowMatrix<float> x = threaded_logits<float>(4000, 8, 7u);
+  x(3500, 2) = std::numeric_limits<float>::quiet_NaN();
+  x(1800, 4) = std::numeric_limits<float>::infinity();
+  x(2900, 1) = std::numeric_limits<float>::quiet_NaN();
+  moebal::CombinedOptions options;
+  options.weights.z = 0.001;
+  for (const int threads : kThreadCounts) {
+    INFO("threads = " << threads);
+    ThreadScope scope(threads);
+    moebal::CombinedAuxLoss<float> combined(8, 2, options);
+    RowMatrix<float> grad(4000, 8);
+    CHECK_THROWS_WITH(combined.forward_backward(x, grad),
+                      Catch::Contains("row 1800, column 4") && Catch::Contains("inf"));
+    // GlobalBatchBalance defers a micro-batch's error to synchronize.
+    moebal::GlobalBatchBalance<float> balance(8, 2);
+    balance.count(x.topRows(1000));
+    balance.count(x);
+    CHECK_THROWS_WITH(balance.synchronize(), Catch::Contains("row 1800, column 4"));
+    // The objects are usable again after the failed call.
+    CHECK(combined.forward_backward(x.topRows(1000), grad.topRows(1000)) > 0.0f);
+  }
+}

@@ -13,6 +13,14 @@
 
 #include "moebal/core/error.hpp"
 
+// Internal: forces the inlining of the small per-block row kernels (GCC otherwise keeps some of
+// them, with Eigen's fixed-size packets, as calls that pass every block through memory).
+#if defined(__GNUC__) || defined(__clang__)
+#define MOEBAL_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define MOEBAL_ALWAYS_INLINE inline
+#endif
+
 namespace moebal {
 
 /// Token, expert and count indices are 64-bit everywhere.

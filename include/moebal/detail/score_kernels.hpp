@@ -111,13 +111,13 @@ using ExpBlock = Eigen::Array<C, kExpBlock, 1>;
 
 /// Block of B values at x (unaligned), converted to C.
 template <class C, Index B = kRowBlock, class S>
-Eigen::Array<C, B, 1> load_block(const S* x) {
+MOEBAL_ALWAYS_INLINE Eigen::Array<C, B, 1> load_block(const S* x) {
   return Eigen::Map<const Eigen::Array<S, B, 1>>(x).template cast<C>();
 }
 
 /// The first `count` (< B) values at x, converted to C, the other lanes set to pad.
 template <class C, Index B = kRowBlock, class S>
-Eigen::Array<C, B, 1> load_partial(const S* x, Index count, C pad) {
+MOEBAL_ALWAYS_INLINE Eigen::Array<C, B, 1> load_partial(const S* x, Index count, C pad) {
   Eigen::Array<C, B, 1> b = Eigen::Array<C, B, 1>::Constant(pad);
   for (Index l = 0; l < count; ++l) b[l] = static_cast<C>(x[l]);
   return b;
@@ -125,14 +125,36 @@ Eigen::Array<C, B, 1> load_partial(const S* x, Index count, C pad) {
 
 /// Writes the first `count` lanes of b to out.
 template <class C, int B>
-void store_partial(const Eigen::Array<C, B, 1>& b, C* out, Index count) {
+MOEBAL_ALWAYS_INLINE void store_partial(const Eigen::Array<C, B, 1>& b, C* out, Index count) {
   for (Index l = 0; l < count; ++l) out[l] = b[l];
 }
 
 /// One block of raw values from logits xb: exp(xb - max) flushed to 0 below log(smallest
 /// normal) (softmax), or 1 / (1 + exp(-xb)) (sigmoid).
+/// e_l = 0 where d_l < bound, else e_l (a NaN d_l keeps its e_l), with Eigen's packet
+/// compare-and-mask: a per-lane conditional is left scalar by GCC inside the fixed-size block.
 template <class C, int B>
-Eigen::Array<C, B, 1> raw_block(const Eigen::Array<C, B, 1>& xb, C max, ScoreFunction score) {
+MOEBAL_ALWAYS_INLINE void zero_below(Eigen::Array<C, B, 1>& e, const Eigen::Array<C, B, 1>& d,
+                                     C bound) {
+  using Packet = typename Eigen::internal::packet_traits<C>::type;
+  constexpr int size = Eigen::internal::packet_traits<C>::size;
+  if constexpr (size > 1 && B % size == 0) {
+    const Packet limit = Eigen::internal::pset1<Packet>(bound);
+    for (int h = 0; h < B; h += size) {
+      const Packet below = Eigen::internal::pcmp_lt(Eigen::internal::ploadu<Packet>(d.data() + h),
+                                                    limit);
+      Eigen::internal::pstoreu(
+          e.data() + h,
+          Eigen::internal::pandnot(Eigen::internal::ploadu<Packet>(e.data() + h), below));
+    }
+  } else {
+    for (Index l = 0; l < B; ++l) e[l] = d[l] < bound ? C(0) : e[l];
+  }
+}
+
+template <class C, int B>
+MOEBAL_ALWAYS_INLINE Eigen::Array<C, B, 1> raw_block(const Eigen::Array<C, B, 1>& xb, C max,
+                                                     ScoreFunction score) {
   if (score == ScoreFunction::softmax) {
     // Eigen 3.4's vectorized exp returns a tiny positive floor (about 3e-39 in float) for
     // arguments below the normal range, -Inf included. Below log(smallest normal) the result is
@@ -141,10 +163,18 @@ Eigen::Array<C, B, 1> raw_block(const Eigen::Array<C, B, 1>& xb, C max, ScoreFun
     const C lowest = kLogSmallestNormal<C>;
     const Eigen::Array<C, B, 1> d = xb - max;
     Eigen::Array<C, B, 1> e = d.exp();
-    for (Index l = 0; l < B; ++l) e[l] = d[l] < lowest ? C(0) : e[l];
+    zero_below(e, d, lowest);
     return e;
   }
   return (C(1) + (-xb).exp()).inverse();
+}
+
+/// The largest of the 8 lanes (exact: any order gives the same value).
+template <class C>
+MOEBAL_ALWAYS_INLINE C max_of_lanes(const RowBlock<C>& m) {
+  const Eigen::Array<C, 4, 1> a = m.template head<4>().max(m.template tail<4>());
+  const C b0 = a[0] > a[2] ? a[0] : a[2], b1 = a[1] > a[3] ? a[1] : a[3];
+  return b0 > b1 ? b0 : b1;
 }
 
 /// Computes raw_j for one row of n logits into raw[0..n) (any address; it may be the row of
@@ -167,7 +197,8 @@ bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>&
       m = m.max(load_block<C>(x + j));
     }
     if (rest8 > 0) m = m.max(load_partial<C>(x + full8, rest8, minus_inf));
-    max = m.maxCoeff();
+    // (A fixed tree rather than maxCoeff(), which GCC leaves as a call.)
+    max = max_of_lanes(m);
   }
   // Second pass: blocks of kExpBlock while they fit, then blocks of 8, the last one padded
   // (a function of n alone, so every pass computes each element the same way).

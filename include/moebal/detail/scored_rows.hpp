@@ -17,11 +17,22 @@
 #include "moebal/core/error.hpp"
 #include "moebal/core/types.hpp"
 #include "moebal/detail/input.hpp"
+#include "moebal/detail/parallel.hpp"
 #include "moebal/detail/score_kernels.hpp"
 #include "moebal/detail/topk_kernels.hpp"
 
 namespace moebal {
 namespace detail {
+
+/// One row's top-k selection as pass 1 hands it to a loss: either the ordered indices, or
+/// (selected == nullptr, the branch-free path) {j : q_j >= tau} with the unique maximum `top`
+/// as first choice.
+template <class C>
+struct RowSelection {
+  const Index* selected = nullptr;
+  C tau = C(0);
+  C top = C(0);
+};
 
 /// Adds one row's top-k selection to count vectors c (top-k) and c1 (first choice): either the
 /// ordered indices, or (selected == nullptr, the branch-free path) {j : q_j >= tau} with the
@@ -40,28 +51,62 @@ void add_selection(const Scalar* q, const Index* selected, Scalar tau, Scalar to
   c1[selected[0]] += 1.0;
 }
 
+/// The batch sums most losses need, as one block's partial of a threaded pass 1: real tokens,
+/// top-k counts, first-choice counts and score sums (N each, double). `add` takes one row.
+struct SelectionSums {
+  double tokens = 0.0;
+  Eigen::ArrayXd counts, first, sums;
+
+  void reset(Index n) {
+    tokens = 0.0;
+    counts.setZero(n);
+    first.setZero(n);
+    sums.setZero(n);
+  }
+  template <class C>
+  void add(const C* q, const RowSelection<C>& sel, Index n, Index k) {
+    tokens += 1.0;
+    add_selection(q, sel.selected, sel.tau, sel.top, n, k, counts.data(), first.data());
+    double* s = sums.data();
+    for (Index j = 0; j < n; ++j) s[j] += static_cast<double>(q[j]);
+  }
+};
+
+/// Per-thread scratch a loss may use inside visit / after_row: a reader for rows of logits of
+/// storage type S and an N-vector of the compute type.
+template <class S>
+struct RowWork {
+  RowReader<S, compute_type_t<S>> reader;
+  ScratchArray<compute_type_t<S>> aux;
+};
+
+/// Rows per chunk of the threaded passes (the partition depends on T alone).
+inline constexpr Index kScoredChunkRows = 512;
+
 /// @tparam S the logits' storage type; rows are computed in C = compute_type_t<S>.
+///
+/// Threads (`moebal::set_num_threads`): `forward_blocks` runs blocks of row chunks on the
+/// threads, each into its own partial (combined by the loss in block order), and `backward`
+/// runs row chunks on the threads; the plain `forward` visits rows in order on one thread.
+/// Results do not depend on the thread count.
 template <class S>
 class ScoredRows {
  public:
   using C = compute_type_t<S>;
 
+  using RowWork = detail::RowWork<S>;
+
   /// Sizes the per-row workspace for N experts and top-k selections of k (0: no selection).
   /// `unordered`: when a row has no tie around its top k, visit receives selected == nullptr
-  /// and the selection is {j : q_j >= threshold()}, with first choice the unique q_j == top()
+  /// and the selection is {j : q_j >= tau}, with first choice the unique q_j == top
   /// (the branch-free fast path; the loss counts with vector adds).
   void reset(Index num_experts, Index k, ScoreFunction score, bool unordered = false) {
     n_ = num_experts;
     k_ = k;
     unordered_ = unordered && k <= kThresholdTopkMaxK;
     score_ = score;
-    raw_.resize(num_experts);
-    reader_.resize(num_experts);
-    q_.resize(num_experts);
-    g_.resize(num_experts);
-    drow_.resize(num_experts);
-    selected_.resize(static_cast<std::size_t>(std::max<Index>(k, 1)));
-    topk_.resize(num_experts, std::max<Index>(k, 1));
+    lanes_.clear();
+    ensure_lanes(1);
     rows_ = -1;
   }
 
@@ -72,8 +117,9 @@ class ScoredRows {
   /// Whether row t of the last forward was a real token.
   bool is_real(Index t) const { return norms_[static_cast<std::size_t>(t)].inv != C(0); }
 
-  /// Pass 1. For each real row t (in order): visit(t, q, selected), with q the row's N scores
-  /// and selected its k top-k indices by decreasing score (ties to the lower index).
+  /// Pass 1 on one thread. For each real row t (in order): visit(t, q, selected), with q the
+  /// row's N scores and selected its k top-k indices by decreasing score (ties to the lower
+  /// index), or nullptr on the unordered fast path (see `threshold`, `top`).
   /// With `raw_out`, each real row's raw scores are also left in that buffer for a backward
   /// with `raw_in_out` (the fused form: the output buffer carries the scores between passes).
   template <class Visit>
@@ -82,27 +128,76 @@ class ScoredRows {
     rows_ = -1;
     const Index rows = x.rows();
     norms_.resize(static_cast<std::size_t>(rows));
+    Lane& lane = lanes_[0];
     for (Index t = 0; t < rows; ++t) {
-      RowNorm<C>& norm = norms_[static_cast<std::size_t>(t)];
-      if (!mask.is_real(t)) {
-        norm = RowNorm<C>{};
-        continue;
-      }
-      const C* row = reader_.read(x.data() + t * x.outerStride(), n_);
-      if (!raw_scores(row, n_, score_, raw_, norm)) throw_invalid_row(function, row, n_, t, score_);
-      scores_from_raw(raw_, norm, q_);
-      const Index* selected = selected_.data();
-      if (k_ > 0) {
-        if (unordered_ && topk_threshold(q_.data(), n_, k_, tau_, top_)) {
-          selected = nullptr;
-        } else {
-          topk_row(q_.data(), n_, k_, selected_.data(), topk_);
-        }
-      }
-      visit(t, static_cast<const C*>(q_.data()), selected);
-      if (raw_out != nullptr) raw_out->row(t) = raw_.transpose().matrix();
+      row_forward(function, x, mask, t, lane, raw_out, [&](const C* q, const RowSelection<C>& sel) {
+        tau_ = sel.tau;
+        top_ = sel.top;
+        visit(t, q, sel.selected);
+      });
     }
     rows_ = rows;
+  }
+
+  /// Pass 1 on the threads. T is split into chunks of kScoredChunkRows rows and the chunks
+  /// into at most kMaxBlocks blocks (detail/parallel.hpp); block b's real rows are visited in
+  /// order on one thread as visit(partials[b], t, q, selection, work), after
+  /// reset_partial(partials[b]). Returns the block count: the loss combines partials[0..blocks)
+  /// in order, so the result does not depend on the thread count. `partials` grows (allocates)
+  /// only when the block count does. Visit must write nothing but its partial and `work`.
+  template <class Partial, class Reset, class Visit>
+  Index forward_blocks(const char* function, const RowInput<S>& x, const TokenMask& mask,
+                       std::vector<Partial>& partials, Reset&& reset_partial, Visit&& visit,
+                       RowMatrixRef<C>* raw_out = nullptr) {
+    rows_ = -1;
+    const Index rows = x.rows();
+    norms_.resize(static_cast<std::size_t>(rows));
+    const Index chunks = (rows + kScoredChunkRows - 1) / kScoredChunkRows;
+    const BlockPartition partition(chunks);
+    const int threads = threads_for(partition.blocks);
+    ensure_lanes(threads);
+    if (partials.size() < static_cast<std::size_t>(partition.blocks)) {
+      partials.resize(static_cast<std::size_t>(partition.blocks));
+    }
+    for_blocks(partition, threads, [&](int thread, Index block) {
+      Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+      Partial& partial = partials[static_cast<std::size_t>(block)];
+      reset_partial(partial);
+      const Index begin = partition.begin(block) * kScoredChunkRows;
+      const Index end = std::min(rows, partition.end(block) * kScoredChunkRows);
+      for (Index t = begin; t < end; ++t) {
+        row_forward(function, x, mask, t, lane, raw_out,
+                    [&](const C* q, const RowSelection<C>& sel) {
+                      visit(partial, t, q, sel, lane.work);
+                    });
+      }
+    });
+    rows_ = rows;
+    return partition.blocks;
+  }
+
+  /// `forward_blocks` with the common batch sums (`SelectionSums`): adds the real tokens to
+  /// *tokens and, over experts, the top-k counts to counts, first choices to first and (when
+  /// sums != nullptr) score sums to sums, block partials in block order.
+  void forward_sums(const char* function, const RowInput<S>& x, const TokenMask& mask,
+                    std::vector<SelectionSums>& partials, double* tokens, double* counts,
+                    double* first, double* sums, RowMatrixRef<C>* raw_out = nullptr) {
+    const Index n = n_, k = k_;
+    const Index blocks = forward_blocks(
+        function, x, mask, partials, [n](SelectionSums& p) { p.reset(n); },
+        [n, k](SelectionSums& p, Index, const C* q, const RowSelection<C>& sel, RowWork&) {
+          p.add(q, sel, n, k);
+        },
+        raw_out);
+    for (Index b = 0; b < blocks; ++b) {
+      const SelectionSums& p = partials[static_cast<std::size_t>(b)];
+      *tokens += p.tokens;
+      for (Index j = 0; j < n; ++j) {
+        counts[j] += p.counts[j];
+        first[j] += p.first[j];
+        if (sums != nullptr) sums[j] += p.sums[j];
+      }
+    }
   }
 
   /// Checks that a backward call matches the last forward.
@@ -122,64 +217,47 @@ class ScoredRows {
     check_finite_parameter(function, "scale", scale);
   }
 
-  /// Pass 2. For each real row t: grad_row(t, q, selected, g) writes d L / d q_t into g
-  /// (length N, every element); the row's d L / d x_t = scale * VJP(g) is written (or added,
-  /// `Accumulate`) into out. Padded rows are zeroed (written) or left alone (accumulated).
+  /// Pass 2 (rows in chunks on the threads). For each real row t: grad_row(t, q, selected, g)
+  /// writes d L / d q_t into g (length N, every element); the row's d L / d x_t =
+  /// scale * VJP(g) is written (or added, `Accumulate`) into out. Padded rows are zeroed
+  /// (written) or left alone (accumulated).
   /// `raw_in_out`: the forward left each real row's raw scores in `out` (write form only);
   /// otherwise they are recomputed from x. `reselect`: recompute the top-k for grad_row
-  /// (otherwise `selected` is not meaningful in grad_row).
+  /// (otherwise `selected` is not meaningful in grad_row). grad_row must write nothing but g.
+  /// An exception thrown for a row is rethrown for the lowest such row.
   template <bool Accumulate, class Out, class GradRow>
   void backward(const char* function, const RowInput<S>& x, RowMatrixRef<Out>& out, C scale,
                 GradRow&& grad_row, bool raw_in_out = false, bool reselect = true) {
     backward<Accumulate>(
-        function, x, out, scale, grad_row, [](Index, C*) {}, raw_in_out, reselect);
+        function, x, out, scale, grad_row, [](Index, const C*, C*, RowWork&) {}, raw_in_out,
+        reselect);
   }
 
-  /// As above; then after_row(t, dx) may add a term of its own to the finished row dx (a C*
-  /// row: for another output type the row is finished in C and stored once).
+  /// As above; then after_row(t, q, dx, work) may add a term of its own to the finished row dx
+  /// (a C* row: for another output type the row is finished in C and stored once), with q the
+  /// row's scores. after_row must write nothing but dx and `work`.
   template <bool Accumulate, class Out, class GradRow, class AfterRow>
   void backward(const char* function, const RowInput<S>& x, RowMatrixRef<Out>& out, C scale,
                 GradRow&& grad_row, AfterRow&& after_row, bool raw_in_out, bool reselect) {
     MOEBAL_ASSERT(!(Accumulate && raw_in_out));
     // A buffer of another type than C cannot carry the scores: they are recomputed.
     raw_in_out = raw_in_out && std::is_same_v<Out, C>;
-    for (Index t = 0; t < rows_; ++t) {
-      const RowNorm<C>& norm = norms_[static_cast<std::size_t>(t)];
-      Out* dx = out.data() + t * out.outerStride();
-      if (norm.inv == C(0)) {
-        if constexpr (!Accumulate) std::fill(dx, dx + n_, Out(0));
-        continue;
+    const Index rows = rows_;
+    const Index chunks = (rows + kScoredChunkRows - 1) / kScoredChunkRows;
+    const int threads = threads_for(chunks);
+    ensure_lanes(threads);
+    for_chunks(chunks, threads, [&](int thread, Index chunk) {
+      Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+      const Index begin = chunk * kScoredChunkRows;
+      const Index end = std::min(rows, begin + kScoredChunkRows);
+      for (Index t = begin; t < end; ++t) {
+        backward_row<Accumulate>(function, x, out, scale, grad_row, after_row, raw_in_out,
+                                 reselect, t, lane);
       }
-      const C* raw = raw_.data();
-      if constexpr (std::is_same_v<Out, C>) {
-        if (raw_in_out) raw = dx;
-      }
-      if (!raw_in_out) {
-        const C* row = reader_.read(x.data() + t * x.outerStride(), n_);
-        RowNorm<C> again;
-        if (!raw_scores(row, n_, score_, raw_, again)) {
-          throw_invalid_row(function, row, n_, t, score_);
-        }
-        raw = raw_.data();
-      }
-      for (Index j = 0; j < n_; ++j) q_[j] = raw[j] * norm.inv;
-      if (k_ > 0 && reselect) topk_row(q_.data(), n_, k_, selected_.data(), topk_);
-      grad_row(t, static_cast<const C*>(q_.data()), static_cast<const Index*>(selected_.data()),
-               g_.data());
-      const C g_dot_q = dot_with_scores(g_.data(), raw, norm, n_);
-      if constexpr (std::is_same_v<Out, C>) {
-        score_vjp_row<Accumulate>(raw, norm, g_.data(), g_dot_q, scale, score_, n_, dx);
-        after_row(t, dx);
-      } else {
-        // Another output type (bfloat16/half): the row is finished in C and rounded once.
-        score_vjp_row<false>(raw, norm, g_.data(), g_dot_q, scale, score_, n_, drow_.data());
-        after_row(t, drow_.data());
-        for (Index j = 0; j < n_; ++j) store<Accumulate>(dx[j], drow_[j]);
-      }
-    }
+    });
   }
 
-  /// The current row's k-th largest score when visit received selected == nullptr.
+  /// The current row's k-th largest score when visit received selected == nullptr (`forward`).
   C threshold() const noexcept { return tau_; }
   /// The current row's (unique) largest score when visit received selected == nullptr.
   C top() const noexcept { return top_; }
@@ -194,24 +272,114 @@ class ScoredRows {
     backward<Accumulate>(
         function, x, out, scale,
         [&](Index, const C*, const Index*, C* row_g) { std::copy(g, g + n, row_g); },
-        [](Index, C*) {}, raw_in_out, false);
+        [](Index, const C*, C*, RowWork&) {}, raw_in_out, false);
   }
 
   /// Row t's normalizer from the last forward (valid inside `visit` for the current row).
   const RowNorm<C>& norm(Index t) const { return norms_[static_cast<std::size_t>(t)]; }
-  /// Row t's scores as rebuilt by the current backward (valid inside `after_row`).
-  const C* current_scores() const { return q_.data(); }
 
  private:
+  // Per-thread scratch, O(N) each.
+  struct Lane {
+    ScratchArray<C> raw, q, g, drow;
+    RowReader<S, C> reader;
+    std::vector<Index> selected;
+    TopkScratch<C> topk;
+    RowWork work;
+  };
+
+  void ensure_lanes(int threads) {
+    const std::size_t wanted = static_cast<std::size_t>(threads);
+    if (lanes_.size() >= wanted) return;
+    const std::size_t old = lanes_.size();
+    lanes_.resize(wanted);
+    for (std::size_t i = old; i < wanted; ++i) {
+      Lane& lane = lanes_[i];
+      lane.raw.resize(n_);
+      lane.q.resize(n_);
+      lane.g.resize(n_);
+      lane.drow.resize(n_);
+      lane.reader.resize(n_);
+      lane.selected.resize(static_cast<std::size_t>(std::max<Index>(k_, 1)));
+      lane.topk.resize(n_, std::max<Index>(k_, 1));
+      lane.work.reader.resize(n_);
+      lane.work.aux.resize(n_);
+    }
+  }
+
+  // Pass 1 for row t: its normalizer into norms_, then f(q, selection) for a real row.
+  template <class F>
+  void row_forward(const char* function, const RowInput<S>& x, const TokenMask& mask, Index t,
+                   Lane& lane, RowMatrixRef<C>* raw_out, F&& f) {
+    RowNorm<C>& norm = norms_[static_cast<std::size_t>(t)];
+    if (!mask.is_real(t)) {
+      norm = RowNorm<C>{};
+      return;
+    }
+    const C* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
+    if (!raw_scores(row, n_, score_, lane.raw, norm)) {
+      throw_invalid_row(function, row, n_, t, score_);
+    }
+    scores_from_raw(lane.raw, norm, lane.q);
+    RowSelection<C> sel;
+    sel.selected = lane.selected.data();
+    if (k_ > 0) {
+      if (unordered_ && topk_threshold(lane.q.data(), n_, k_, sel.tau, sel.top)) {
+        sel.selected = nullptr;
+      } else {
+        topk_row(lane.q.data(), n_, k_, lane.selected.data(), lane.topk);
+      }
+    }
+    f(static_cast<const C*>(lane.q.data()), sel);
+    if (raw_out != nullptr) raw_out->row(t) = lane.raw.transpose().matrix();
+  }
+
+  template <bool Accumulate, class Out, class GradRow, class AfterRow>
+  void backward_row(const char* function, const RowInput<S>& x, RowMatrixRef<Out>& out, C scale,
+                    GradRow& grad_row, AfterRow& after_row, bool raw_in_out, bool reselect,
+                    Index t, Lane& lane) {
+    const RowNorm<C>& norm = norms_[static_cast<std::size_t>(t)];
+    Out* dx = out.data() + t * out.outerStride();
+    if (norm.inv == C(0)) {
+      if constexpr (!Accumulate) std::fill(dx, dx + n_, Out(0));
+      return;
+    }
+    const C* raw = lane.raw.data();
+    if constexpr (std::is_same_v<Out, C>) {
+      if (raw_in_out) raw = dx;
+    }
+    if (!raw_in_out) {
+      const C* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
+      RowNorm<C> again;
+      if (!raw_scores(row, n_, score_, lane.raw, again)) {
+        throw_invalid_row(function, row, n_, t, score_);
+      }
+      raw = lane.raw.data();
+    }
+    C* q = lane.q.data();
+    for (Index j = 0; j < n_; ++j) q[j] = raw[j] * norm.inv;
+    if (k_ > 0 && reselect) topk_row(lane.q.data(), n_, k_, lane.selected.data(), lane.topk);
+    C* g = lane.g.data();
+    grad_row(t, static_cast<const C*>(q), static_cast<const Index*>(lane.selected.data()), g);
+    const C g_dot_q = dot_with_scores(g, raw, norm, n_);
+    if constexpr (std::is_same_v<Out, C>) {
+      score_vjp_row<Accumulate>(raw, norm, g, g_dot_q, scale, score_, n_, dx);
+      after_row(t, static_cast<const C*>(q), dx, lane.work);
+    } else {
+      // Another output type (bfloat16/half): the row is finished in C and rounded once.
+      C* drow = lane.drow.data();
+      score_vjp_row<false>(raw, norm, g, g_dot_q, scale, score_, n_, drow);
+      after_row(t, static_cast<const C*>(q), drow, lane.work);
+      for (Index j = 0; j < n_; ++j) store<Accumulate>(dx[j], drow[j]);
+    }
+  }
+
   Index n_ = 0;
   Index k_ = 0;
   bool unordered_ = false;
   C tau_ = C(0), top_ = C(0);
   ScoreFunction score_ = ScoreFunction::softmax;
-  ScratchArray<C> raw_, q_, g_, drow_;
-  RowReader<S, C> reader_;
-  std::vector<Index> selected_;
-  TopkScratch<C> topk_;
+  std::vector<Lane> lanes_;
   std::vector<RowNorm<C>> norms_;
   Index rows_ = -1;
 };

@@ -11,13 +11,24 @@
 //   insertion for k <= 16, a partial sort of an index array above.
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include "moebal/core/types.hpp"
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define MOEBAL_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+#ifndef MOEBAL_HAS_SHUFFLEVECTOR
+#define MOEBAL_HAS_SHUFFLEVECTOR 0
+#endif
 
 namespace moebal {
 namespace detail {
@@ -74,77 +85,130 @@ void topk_row_exact(const C* q, Index n, Index k, Index* out, TopkScratch<C>& sc
   std::copy(order, order + k, out);
 }
 
-/// Lanes of the threshold search (one AVX register of float, two of double).
-inline constexpr Index kTopkLanes = 8;
+/// Lanes of the threshold search: one vector register of C (Eigen's packet: 16 floats or 8
+/// doubles under AVX-512, 8 or 4 under AVX). The lane count changes no result: tau and the
+/// maximum are exact values of the row.
+template <class C>
+inline constexpr Index kTopkLanes = std::max<Index>(
+    2, static_cast<Index>(Eigen::internal::packet_traits<C>::size));
 
 /// Up to this k, top-k uses the threshold method first; above it, the exact method only.
 inline constexpr Index kThresholdTopkMaxK = 16;
 
+/// The vector operations of the threshold search on blocks of L lanes of C: a GCC/Clang
+/// vector type (one register; lane shuffles by __builtin_shufflevector) where the compiler
+/// has it, else a fixed-size Eigen array with lane loops.
+template <class C, Index L>
+struct LaneOps {
+#if MOEBAL_HAS_SHUFFLEVECTOR
+  typedef C Block __attribute__((vector_size(sizeof(C) * L)));
+  static MOEBAL_ALWAYS_INLINE Block load(const C* p) {
+    Block b;
+    std::memcpy(&b, p, sizeof b);
+    return b;
+  }
+  static MOEBAL_ALWAYS_INLINE Block splat(C v) { return Block{} + v; }
+  static MOEBAL_ALWAYS_INLINE Block max(Block a, Block b) { return a > b ? a : b; }
+  static MOEBAL_ALWAYS_INLINE Block min(Block a, Block b) { return a < b ? a : b; }
+  /// out_l = v_(l ^ S), one register shuffle.
+  template <int S, int... I>
+  static MOEBAL_ALWAYS_INLINE Block xor_lanes(Block v, std::integer_sequence<int, I...>) {
+    return __builtin_shufflevector(v, v, (I ^ S)...);
+  }
+#else
+  using Block = Eigen::Array<C, L, 1>;
+  static Block load(const C* p) { return Eigen::Map<const Block>(p); }
+  static Block splat(C v) { return Block::Constant(v); }
+  static Block max(const Block& a, const Block& b) { return a.max(b); }
+  static Block min(const Block& a, const Block& b) { return a.min(b); }
+  template <int S, int... I>
+  static Block xor_lanes(const Block& v, std::integer_sequence<int, I...>) {
+    Block out;
+    for (Index l = 0; l < L; ++l) out[l] = v[l ^ S];
+    return out;
+  }
+#endif
+};
+
 /// The lane lists of the threshold method: each of kTopkLanes lanes keeps its K largest
 /// values (sorted, with multiplicity) through a min/max insertion network (vector operations
-/// only, no branch). K is a compile-time bound >= k, so the lists live in registers when K is
-/// small. Values are inserted a block of kTopkLanes at a time, in any order.
+/// only, no branch). K is a compile-time power of two >= k, so the lists live in registers
+/// when K is small. Values are inserted a block of kTopkLanes at a time, in any order.
 template <Index K, class C>
 struct LaneTopk {
-  using Block = Eigen::Array<C, kTopkLanes, 1>;
+  static_assert(K >= 1 && (K & (K - 1)) == 0, "the lane lists' depth is a power of two");
+  static constexpr Index kLanes = kTopkLanes<C>;
+  using Ops = LaneOps<C, kLanes>;
+  using Block = typename Ops::Block;
   static constexpr C lowest = -std::numeric_limits<C>::infinity();
 
-  LaneTopk() {
-    for (Index r = 0; r < K; ++r) best[r].setConstant(lowest);
+  MOEBAL_ALWAYS_INLINE LaneTopk() {
+    for (Index r = 0; r < K; ++r) best[r] = Ops::splat(lowest);
   }
 
-  void insert(Block v) {
+  MOEBAL_ALWAYS_INLINE void insert(Block v) {
     for (Index r = 0; r < K; ++r) {
-      const Block higher = best[r].max(v);
-      v = best[r].min(v);
+      const Block higher = Ops::max(best[r], v);
+      v = Ops::min(best[r], v);
       best[r] = higher;
     }
   }
 
-  /// The largest value.
-  C top() const { return best[0].maxCoeff(); }
+  /// The K largest values of all lanes, sorted, with multiplicity, into out[0..K). In each of
+  /// log2(kLanes) steps lane l's list is merged with lane (l ^ s)'s by a bitonic merge
+  /// (m_i = max(a_i, b_(K-1-i)) holds the K largest of two sorted lists as a bitonic sequence,
+  /// which log2(K) compare-exchange stages sort); afterwards every lane holds the result.
+  MOEBAL_ALWAYS_INLINE void merged(C* out) const {
+    Block lists[K];
+    for (Index i = 0; i < K; ++i) lists[i] = best[i];
+    merge_step<int(kLanes) / 2>(lists);
+    for (Index i = 0; i < K; ++i) out[i] = lists[i][0];
+  }
 
-  /// The k-th largest value inserted, counted with multiplicity (k <= K): k rounds of "take
-  /// the largest lane head" (the first lane holding it; which one does not matter, only the
-  /// values taken do).
-  C kth(Index k) const {
-    if (k == 1) return top();
-    Index depth[kTopkLanes] = {};
-    C tau = lowest;
-    for (Index round = 0; round < k; ++round) {
-      Index lane = 0;
-      C value = lowest;
-      for (Index l = 0; l < kTopkLanes; ++l) {
-        const C head = depth[l] < k ? best[depth[l]][l] : lowest;
-        const bool higher = head > value;
-        value = higher ? head : value;
-        lane = higher ? l : lane;
+  template <int S>
+  MOEBAL_ALWAYS_INLINE static void merge_step(Block (&lists)[K]) {
+    if constexpr (S >= 1) {
+      Block m[K];
+      for (Index i = 0; i < K; ++i) {
+        m[i] = Ops::max(lists[i], Ops::template xor_lanes<S>(
+                                      lists[K - 1 - i],
+                                      std::make_integer_sequence<int, int(kLanes)>{}));
       }
-      ++depth[lane];
-      tau = value;
+      for (Index stride = K / 2; stride >= 1; stride /= 2) {
+        for (Index i = 0; i < K; ++i) {
+          if ((i & stride) != 0) continue;
+          const Block high = Ops::max(m[i], m[i + stride]);
+          m[i + stride] = Ops::min(m[i], m[i + stride]);
+          m[i] = high;
+        }
+      }
+      for (Index i = 0; i < K; ++i) lists[i] = m[i];
+      merge_step<S / 2>(lists);
     }
-    return tau;
   }
 
   Block best[K];
 };
 
 /// The threshold method's search: writes tau, the k-th largest value of q[0..n) counted with
-/// multiplicity, and top, the largest. No verification (see `topk_threshold`).
+/// multiplicity (k <= K), and top, the largest. No verification (see `topk_threshold`).
 template <Index K, class C>
-void topk_threshold_search(const C* q, Index n, Index k, C& tau, C& top) {
+MOEBAL_ALWAYS_INLINE void topk_threshold_search(const C* q, Index n, Index k, C& tau, C& top) {
   using Lists = LaneTopk<K, C>;
-  using Block = typename Lists::Block;
+  using Ops = typename Lists::Ops;
+  constexpr Index lanes = Lists::kLanes;
   Lists lists;
   Index j = 0;
-  for (; j + kTopkLanes <= n; j += kTopkLanes) lists.insert(Eigen::Map<const Block>(q + j));
+  for (; j + lanes <= n; j += lanes) lists.insert(Ops::load(q + j));
   if (j < n) {
-    Block tail = Block::Constant(Lists::lowest);
-    for (Index l = 0; j + l < n; ++l) tail[l] = q[j + l];
-    lists.insert(tail);
+    C tail[lanes];
+    for (Index l = 0; l < lanes; ++l) tail[l] = j + l < n ? q[j + l] : Lists::lowest;
+    lists.insert(Ops::load(tail));
   }
-  top = lists.top();
-  tau = lists.kth(k);
+  C sorted[K];
+  lists.merged(sorted);
+  top = sorted[0];
+  tau = sorted[k - 1];
 }
 
 /// The threshold method with its verification: see `topk_threshold`.

@@ -132,8 +132,8 @@ class CombinedAuxLoss {
     options_.mask = TokenMask{};
     rows_.reset(num_experts, k, options.score, /*unordered=*/true);
     statistics_ = RoutingStatistics(num_experts);
-    softmax_raw_.resize(num_experts);
-    reader_.resize(num_experts);
+    work_.reader.resize(num_experts);
+    work_.aux.resize(num_experts);
   }
 
   /// Reads T x N logits and returns L.
@@ -228,36 +228,58 @@ class CombinedAuxLoss {
     auto sums = statistics_.mutable_score_sums();
     double z_sum = 0.0;
     const bool softmax_scores = options_.score == ScoreFunction::softmax;
+    // The z-loss term of row t: lse_t = log sum_j exp(x_tj) (from the scores' normalizer, or
+    // a softmax of its own for sigmoid scores), kept for backward.
+    auto z_term = [&](Index t, detail::RowWork<Scalar>& work) {
+      detail::RowNorm<Compute> norm = rows_.norm(t);
+      if (!softmax_scores) {
+        const Compute* row = work.reader.read(x.data() + t * x.outerStride(), n);
+        if (!detail::raw_scores(row, n, ScoreFunction::softmax, work.aux, norm)) {
+          detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
+        }
+      }
+      const Compute lse = norm.shift - std::log(norm.inv);
+      lse_[static_cast<std::size_t>(t)] = lse;
+      return double(lse) * double(lse);
+    };
+    if (!use_seq) {
+      // Batch sums only: blocks of rows on the threads, each into its own partial, combined in
+      // block order (independent of the thread count).
+      const Index blocks = rows_.forward_blocks(
+          function, x, mask, partials_,
+          [n](Partial& p) {
+            p.sums.reset(n);
+            p.z = 0.0;
+          },
+          [&](Partial& p, Index t, const Compute* q, const detail::RowSelection<Compute>& sel,
+              detail::RowWork<Scalar>& work) {
+            p.sums.add(q, sel, n, k);
+            if (use_z) p.z += z_term(t, work);
+          },
+          raw_out);
+      for (Index b = 0; b < blocks; ++b) {
+        const Partial& p = partials_[static_cast<std::size_t>(b)];
+        tokens += p.sums.tokens;
+        counts += p.sums.counts.matrix();
+        first += p.sums.first.matrix();
+        sums += p.sums.sums.matrix();
+        z_sum += p.z;
+      }
+      finish(z_sum, 0);
+      return loss();
+    }
     rows_.forward(
         function, x, mask,
         [&](Index t, const Compute* q, const Index* selected) {
           tokens += 1.0;
-          auto count = [&](double* c, double* c1) {
-            detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k, c, c1);
-          };
-          if (use_seq) {
-            // Per-sequence sums only; the batch sums are their totals (added after the pass).
-            const Index s = sequence_of_[static_cast<std::size_t>(t)];
-            seq_tokens_[s] += 1.0;
-            count(seq_counts_.data() + s * n, seq_first_.data() + s * n);
-            double* row_sums = seq_sums_.data() + s * n;
-            for (Index j = 0; j < n; ++j) row_sums[j] += double(q[j]);
-          } else {
-            count(counts.data(), first.data());
-            for (Index j = 0; j < n; ++j) sums[j] += double(q[j]);
-          }
-          if (use_z) {
-            detail::RowNorm<Compute> norm = rows_.norm(t);
-            if (!softmax_scores) {
-              const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
-              if (!detail::raw_scores(row, n, ScoreFunction::softmax, softmax_raw_, norm)) {
-                detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
-              }
-            }
-            const Compute lse = norm.shift - std::log(norm.inv);
-            lse_[static_cast<std::size_t>(t)] = lse;
-            z_sum += double(lse) * double(lse);
-          }
+          // Per-sequence sums only; the batch sums are their totals (added after the pass).
+          const Index s = sequence_of_[static_cast<std::size_t>(t)];
+          seq_tokens_[s] += 1.0;
+          detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k,
+                                seq_counts_.data() + s * n, seq_first_.data() + s * n);
+          double* row_sums = seq_sums_.data() + s * n;
+          for (Index j = 0; j < n; ++j) row_sums[j] += double(q[j]);
+          if (use_z) z_sum += z_term(t, work_);
         },
         raw_out);
     if (use_seq) {
@@ -349,22 +371,21 @@ class CombinedAuxLoss {
           const Compute* gs = seq_g_.data() + s * n;
           for (Index j = 0; j < n; ++j) g[j] = gb[j] + gs[j];
         },
-        [&](Index t, Compute* dx) {
+        [&](Index t, const Compute* p, Compute* dx, detail::RowWork<Scalar>& work) {
           if (!use_z) return;
           // z-loss: d L / d x_tj = w_z (2/T) lse_t softmax(x_t)_j.
           const Compute c =
               static_cast<Compute>(z_factor * double(lse_[static_cast<std::size_t>(t)]));
           if (softmax_scores) {
-            const Compute* p = rows_.current_scores();
             for (Index j = 0; j < n; ++j) dx[j] += c * p[j];
             return;
           }
-          const Compute* row = reader_.read(x.data() + t * x.outerStride(), n);
+          const Compute* row = work.reader.read(x.data() + t * x.outerStride(), n);
           detail::RowNorm<Compute> norm;
-          if (!detail::raw_scores(row, n, ScoreFunction::softmax, softmax_raw_, norm)) {
+          if (!detail::raw_scores(row, n, ScoreFunction::softmax, work.aux, norm)) {
             detail::throw_invalid_row(function, row, n, t, ScoreFunction::softmax);
           }
-          for (Index j = 0; j < n; ++j) dx[j] += c * softmax_raw_[j] * norm.inv;
+          for (Index j = 0; j < n; ++j) dx[j] += c * work.aux[j] * norm.inv;
         },
         raw_in_out, false);
   }
@@ -372,8 +393,13 @@ class CombinedAuxLoss {
   CombinedOptions options_;
   detail::ScoredRows<Scalar> rows_;
   RoutingStatistics statistics_;
-  detail::ScratchArray<Compute> softmax_raw_;
-  detail::RowReader<Scalar, Compute> reader_;
+  // One block's batch sums in the threaded pass 1 (no sequence term).
+  struct Partial {
+    detail::SelectionSums sums;
+    double z = 0.0;
+  };
+  std::vector<Partial> partials_;          // one per block (<= 64), reused
+  detail::RowWork<Scalar> work_;           // the one-thread pass's scratch
   std::vector<Compute> lse_;
   std::vector<Index> sequence_of_;
   RowMatrix<double> seq_counts_, seq_first_, seq_sums_, seq_f_;  // sequences x N

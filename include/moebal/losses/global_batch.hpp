@@ -318,19 +318,8 @@ class GlobalBatchBalance {
   void accumulate(const char* function, const detail::RowInput<Scalar>& x, const TokenMask& mask,
                   Eigen::VectorXd& c, Eigen::VectorXd& c1, double* tokens, Eigen::VectorXd* sums,
                   RowMatrixRef<Compute>* raw_out = nullptr) {
-    const Index n = rows_.num_experts(), k = rows_.k();
-    rows_.forward(
-        function, x, mask,
-        [&](Index, const Compute* q, const Index* selected) {
-          *tokens += 1.0;
-          detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k, c.data(),
-                                c1.data());
-          if (sums != nullptr) {
-            double* s = sums->data();
-            for (Index j = 0; j < n; ++j) s[j] += double(q[j]);
-          }
-        },
-        raw_out);
+    rows_.forward_sums(function, x, mask, partials_, tokens, c.data(), c1.data(),
+                       sums != nullptr ? sums->data() : nullptr, raw_out);
   }
 
   Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
@@ -381,6 +370,7 @@ class GlobalBatchBalance {
 
   GlobalBatchOptions options_;
   detail::ScoredRows<Scalar> rows_;
+  std::vector<detail::SelectionSums> partials_;  // pass 1's block partials (<= 64), reused
   std::vector<double> payload_;
   Eigen::VectorXd local_, local_first_, sums_, micro_counts_, micro_first_;
   Eigen::VectorXd global_counts_, f_global_, f_local_, g_;
@@ -505,16 +495,8 @@ class RunningGlobalBalance {
     try {
       detail::check_logits_columns(function, x.rows(), x.cols(), n);
       detail::check_mask(function, mask, x.rows());
-      rows_.forward(
-          function, x, mask,
-          [&](Index, const Compute* q, const Index* selected) {
-            tokens += 1.0;
-            detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k,
-                                  counts_.data(), first_.data());
-            double* s = sums_.data();
-            for (Index j = 0; j < n; ++j) s[j] += double(q[j]);
-          },
-          raw_out);
+      rows_.forward_sums(function, x, mask, partials_, &tokens, counts_.data(), first_.data(),
+                         sums_.data(), raw_out);
     } catch (const invalid_argument& e) {
       error = e.what();
     }
@@ -562,6 +544,7 @@ class RunningGlobalBalance {
 
   GlobalBatchOptions options_;
   detail::ScoredRows<Scalar> rows_;
+  std::vector<detail::SelectionSums> partials_;  // pass 1's block partials (<= 64), reused
   std::vector<double> payload_;
   Eigen::VectorXd running_, running_first_, mean_, mean_first_, counts_, first_, sums_, f_,
       f_local_, g_;
