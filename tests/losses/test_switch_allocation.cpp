@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 // SwitchAuxLoss allocates nothing in steady state: after a first call at the largest batch,
 // forward, backward, backward_accumulate and forward_backward neither call operator new nor
-// let Eigen allocate. Built as its own executable because it replaces the global operator new
-// and compiles Eigen with EIGEN_RUNTIME_NO_MALLOC.
+// let Eigen allocate; nor do the other loss objects and the router (whose per-thread scratch,
+// once sized, serves any smaller thread count). Built as its own executable because it replaces
+// the global operator new and compiles Eigen with EIGEN_RUNTIME_NO_MALLOC.
 
 #include <cstdlib>
 #include <new>
 #include <stdexcept>
+#include <utility>
 
 #define EIGEN_RUNTIME_NO_MALLOC
 #define eigen_assert(x) \
@@ -16,6 +18,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "moebal/core/threads.hpp"
 #include "moebal/losses/combined.hpp"
 #include "moebal/losses/cv2.hpp"
 #include "moebal/losses/deepseek.hpp"
@@ -159,4 +162,43 @@ TEMPLATE_TEST_CASE("Loss family objects: no allocation in steady state", "[loss]
     run();
   }
   CHECK(allocations == 0);
+}
+
+TEMPLATE_TEST_CASE("Router: no allocation in steady state, any thread count", "[router][alloc]",
+                   float, double) {
+  using T = TestType;
+  using moebal::RowMatrix;
+  const moebal::Index rows = 1500, cols = 32;  // three chunks of rows, the last one partial
+  const RowMatrix<T> logits = RowMatrix<T>::Random(rows, cols);
+  RowMatrix<T> grad(rows, cols);
+  const Eigen::VectorXd bias = Eigen::VectorXd::LinSpaced(cols, -0.1, 0.1);
+  const std::pair<moebal::Index, moebal::RouterOptions> configs[] = {
+      {2, moebal::RouterOptions{}},
+      {2, moebal::presets::megatron_softmax()},
+      {8, moebal::presets::hf_deepseek_v3(8, 4, true, 2.5, bias)},
+      {20, moebal::presets::megatron_sigmoid(20, bias, 2.0, 1, 1, true)},
+  };
+  for (const auto& [k, options] : configs) {
+    moebal::Router<T> router(cols, k, options);
+    moebal::IndexMatrix indices(rows, k);
+    RowMatrix<T> weights(rows, k);
+    const RowMatrix<T> upstream = RowMatrix<T>::Ones(rows, k);
+    auto run = [&] {
+      router.forward(logits, indices, weights);
+      router.backward(logits, indices, upstream, grad);
+      router.backward_accumulate(logits, indices, upstream, grad, T(0.5));
+      router.forward(logits.topRows(100), indices.topRows(100), weights.topRows(100));
+    };
+    moebal::set_num_threads(2);
+    run();  // sizes the per-thread scratch for two threads
+    {
+      NoAllocationScope scope;
+      run();
+      moebal::set_num_threads(1);  // fewer threads reuse the same scratch
+      run();
+    }
+    moebal::set_num_threads(0);
+    CHECK(allocations == 0);
+    CHECK(weights.allFinite());
+  }
 }

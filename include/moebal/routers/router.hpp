@@ -33,6 +33,7 @@
 #include "moebal/core/error.hpp"
 #include "moebal/core/types.hpp"
 #include "moebal/detail/input.hpp"
+#include "moebal/detail/parallel.hpp"
 #include "moebal/detail/score_kernels.hpp"
 #include "moebal/detail/topk_kernels.hpp"
 
@@ -126,6 +127,10 @@ struct RouterResult {
 
 namespace detail {
 
+/// Rows per chunk of the router's threaded loops (the Switch loss's chunk size). Rows are
+/// independent, so the chunks only decide how the work is spread over the threads.
+inline constexpr Index kRouterChunkRows = 512;
+
 inline void check_router_options(const char* function, Index num_experts, Index k,
                                  const RouterOptions& o) {
   if (num_experts < 1) throw_invalid(function, "num_experts", "at least 1 expert", concat(num_experts));
@@ -200,7 +205,17 @@ void elementwise_scores(const C* x, Index n, RouterScore score, C* s) {
 
 }  // namespace detail
 
-/// A router as a reusable object (no allocation in steady state).
+/// A router as a reusable object (no allocation in steady state: per-thread scratch is sized
+/// once for each new, larger thread count).
+///
+/// Threads: `forward`, `backward` and `backward_accumulate` (and so `route` and
+/// `route_backward`) split the tokens into chunks of `detail::kRouterChunkRows` rows, a
+/// partition fixed by T alone, and run the chunks on up to `moebal::num_threads()` OpenMP
+/// threads (<moebal/core/threads.hpp>). Rows are independent and each is computed by one thread
+/// with the same arithmetic as on one thread, so indices, weights and gradients are bitwise
+/// identical for any thread count. An invalid row (a NaN or +Inf logit, an index out of range)
+/// is reported as the sequential loop would: the lowest bad row. After a throw the outputs'
+/// contents are unspecified.
 /// @tparam Scalar float or double.
 template <class Scalar>
 class Router {
@@ -276,20 +291,8 @@ class Router {
   Router(const char* function, Index num_experts, Index k, RouterOptions options)
       : n_(num_experts), k_(k), options_(std::move(options)), backward_name_(function) {
     detail::check_router_options(function, num_experts, k, options_);
-    s_.resize(num_experts);
-    v_.resize(num_experts);
-    u_.resize(k);
-    raw_.resize(k);
-    g_.resize(num_experts);
-    drow_.resize(num_experts);
-    reader_.resize(num_experts);
-    group_scores_.resize(options_.num_groups);
-    group_order_.resize(static_cast<std::size_t>(options_.num_groups));
-    group_values_.resize(static_cast<std::size_t>(num_experts));
-    selected_.resize(static_cast<std::size_t>(k));
-    topk_.resize(num_experts, k);
-    group_topk_.resize(options_.num_groups, std::max<Index>(options_.group_topk, 1));
     bias_compute_ = options_.expert_bias.template cast<Compute>();
+    ensure_lanes(1);
   }
 
   template <class OutW>
@@ -298,19 +301,72 @@ class Router {
     detail::check_logits_columns(function, x.rows(), x.cols(), n_);
     detail::check_output_shape(function, "indices", indices.rows(), indices.cols(), x.rows(), k_);
     detail::check_output_shape(function, "weights", weights.rows(), weights.cols(), x.rows(), k_);
-    for (Index t = 0; t < x.rows(); ++t) {
-      const Compute* row = reader_.read(x.data() + t * x.outerStride(), n_);
-      scores_row(function, row, t);
-      select_row(row);
-      weights_row(function, row, t);
-      for (Index i = 0; i < k_; ++i) {
-        indices(t, i) = selected_[std::size_t(i)];
-        weights(t, i) = static_cast<OutW>(u_[i]);
+    for_row_chunks(x.rows(), [&](Lane& lane, Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
+        scores_row(lane, function, row, t);
+        select_row(lane, row);
+        weights_row(lane, function, row, t);
+        for (Index i = 0; i < k_; ++i) {
+          indices(t, i) = lane.selected[std::size_t(i)];
+          weights(t, i) = static_cast<OutW>(lane.u[i]);
+        }
       }
-    }
+    });
   }
 
  private:
+  // Per-thread scratch for one row. O(N) per thread. Cache-line aligned so that one thread's
+  // per-row writes (sum, norm) never share a line with another thread's lane.
+  struct alignas(64) Lane {
+    detail::ScratchArray<Compute> s, v, u, raw, g, drow, group_scores;
+    detail::RowReader<Scalar, Compute> reader;  // one row converted (half-precision input)
+    std::vector<Index> group_order;             // G
+    std::vector<Compute> group_values;          // N
+    std::vector<Index> selected;                // k, the row's experts
+    detail::TopkScratch<Compute> topk, group_topk;
+    detail::RowNorm<Compute> norm;
+    Compute sum = Compute(0);  // the row's unnormalized weight sum (set by weights_row)
+  };
+
+  // Sizes the scratch of `threads` threads (allocates only when the thread count grows).
+  void ensure_lanes(int threads) {
+    const std::size_t wanted = static_cast<std::size_t>(threads);
+    if (lanes_.size() >= wanted) return;
+    const std::size_t old = lanes_.size();
+    lanes_.resize(wanted);
+    for (std::size_t i = old; i < wanted; ++i) {
+      Lane& lane = lanes_[i];
+      lane.s.resize(n_);
+      lane.v.resize(n_);
+      lane.u.resize(k_);
+      lane.raw.resize(k_);
+      lane.g.resize(n_);
+      lane.drow.resize(n_);
+      lane.group_scores.resize(options_.num_groups);
+      lane.reader.resize(n_);
+      lane.group_order.resize(static_cast<std::size_t>(options_.num_groups));
+      lane.group_values.resize(static_cast<std::size_t>(n_));
+      lane.selected.resize(static_cast<std::size_t>(k_));
+      lane.topk.resize(n_, k_);
+      lane.group_topk.resize(options_.num_groups, std::max<Index>(options_.group_topk, 1));
+    }
+  }
+
+  // body(lane, begin, end) for the chunks of kRouterChunkRows rows of [0, rows), on up to
+  // num_threads() threads; rethrows the lowest throwing chunk's exception.
+  template <class Body>
+  void for_row_chunks(Index rows, Body&& body) {
+    const Index chunks = (rows + detail::kRouterChunkRows - 1) / detail::kRouterChunkRows;
+    const int threads = detail::threads_for(chunks);
+    ensure_lanes(threads);
+    detail::for_chunks(chunks, threads, [&](int thread, Index chunk) {
+      const Index begin = chunk * detail::kRouterChunkRows;
+      const Index end = std::min(rows, begin + detail::kRouterChunkRows);
+      body(lanes_[static_cast<std::size_t>(thread)], begin, end);
+    });
+  }
+
   // d loss / d weights read in Compute (a cast view for bfloat16/half, in place otherwise).
   template <class DerivedG>
   static detail::RowInput<Compute> compute_input(const Eigen::MatrixBase<DerivedG>& g) {
@@ -320,13 +376,13 @@ class Router {
     return detail::RowInput<Compute>(g.template cast<Compute>());
   }
 
-  // s = score(x) for one row; validates the row.
-  void scores_row(const char* function, const Compute* row, Index t) {
+  // lane.s = score(x) for one row; validates the row.
+  void scores_row(Lane& lane, const char* function, const Compute* row, Index t) const {
     if (options_.score == RouterScore::softmax) {
-      if (!detail::raw_scores(row, n_, ScoreFunction::softmax, v_, norm_)) {
+      if (!detail::raw_scores(row, n_, ScoreFunction::softmax, lane.v, lane.norm)) {
         detail::throw_invalid_row(function, row, n_, t, ScoreFunction::softmax);
       }
-      detail::scores_from_raw(v_, norm_, s_);
+      detail::scores_from_raw(lane.v, lane.norm, lane.s);
       return;
     }
     for (Index j = 0; j < n_; ++j) {
@@ -334,52 +390,61 @@ class Router {
         detail::throw_invalid_row(function, row, n_, t, ScoreFunction::sigmoid);
       }
     }
-    detail::elementwise_scores(row, n_, options_.score, s_.data());
+    detail::elementwise_scores(row, n_, options_.score, lane.s.data());
   }
 
-  // The top-k (with groups) of the selection values, into selected_.
-  void select_row(const Compute* row) {
+  // The top-k (with groups) of the selection values, into lane.selected.
+  void select_row(Lane& lane, const Compute* row) const {
     const bool logits = options_.select_on_logits;
-    for (Index j = 0; j < n_; ++j) v_[j] = logits ? row[j] : s_[j];
-    if (bias_compute_.size() != 0) v_ += bias_compute_;
+    auto& v = lane.v;
+    for (Index j = 0; j < n_; ++j) v[j] = logits ? row[j] : lane.s[j];
+    if (bias_compute_.size() != 0) v += bias_compute_;
     const Index groups = options_.num_groups;
     if (groups > 1) {
       const Index size = n_ / groups, kept = options_.group_topk;
-      for (Index g = 0; g < groups; ++g) group_scores_[g] = group_score(v_.data() + g * size, size);
-      detail::topk_row_exact(group_scores_.data(), groups, kept, group_order_.data(), group_topk_);
+      for (Index g = 0; g < groups; ++g) {
+        lane.group_scores[g] = group_score(lane, v.data() + g * size, size);
+      }
+      detail::topk_row_exact(lane.group_scores.data(), groups, kept, lane.group_order.data(),
+                             lane.group_topk);
       const Compute fill = options_.group_fill == GroupFill::zero
                                ? Compute(0)
                                : -std::numeric_limits<Compute>::infinity();
       for (Index g = 0; g < groups; ++g) {
         bool keep = false;
-        for (Index i = 0; i < kept; ++i) keep = keep || group_order_[std::size_t(i)] == g;
-        if (!keep) std::fill(v_.data() + g * size, v_.data() + (g + 1) * size, fill);
+        for (Index i = 0; i < kept; ++i) keep = keep || lane.group_order[std::size_t(i)] == g;
+        if (!keep) std::fill(v.data() + g * size, v.data() + (g + 1) * size, fill);
       }
     }
-    detail::topk_row_exact(v_.data(), n_, k_, selected_.data(), topk_);
+    // The threshold fast path, with the exact method's order (ties to the lower index).
+    detail::topk_row(static_cast<const Compute*>(v.data()), n_, k_, lane.selected.data(),
+                     lane.topk);
   }
 
-  Compute group_score(const Compute* values, Index size) {
+  Compute group_score(Lane& lane, const Compute* values, Index size) const {
     if (options_.group_score == GroupScore::max) return *std::max_element(values, values + size);
     const Index top = options_.group_score == GroupScore::sum_top2
                           ? std::min<Index>(2, size)
                           : k_ / options_.group_topk;
-    std::copy(values, values + size, group_values_.begin());
-    std::partial_sort(group_values_.begin(), group_values_.begin() + top,
-                      group_values_.begin() + size, [](Compute a, Compute b) { return a > b; });
+    auto& sorted = lane.group_values;
+    std::copy(values, values + size, sorted.begin());
+    std::partial_sort(sorted.begin(), sorted.begin() + top, sorted.begin() + size,
+                      [](Compute a, Compute b) { return a > b; });
     Compute sum = Compute(0);
-    for (Index i = 0; i < top; ++i) sum += group_values_[std::size_t(i)];
+    for (Index i = 0; i < top; ++i) sum += sorted[std::size_t(i)];
     return sum;
   }
 
-  // u = the k weights of the row (after normalization and scaling); keeps the unnormalized
-  // weights in raw_ and their sum in sum_ for backward. Throws (naming row t) where the weights
-  // are undefined: a softmax over k selected logits that are all -Inf, or a normalization whose
-  // denominator is 0 (every selected score 0 with epsilon 0).
-  void weights_row(const char* function, const Compute* row, Index t) {
+  // lane.u = the k weights of the row (after normalization and scaling); keeps the
+  // unnormalized weights in lane.raw and their sum in lane.sum for backward. Throws (naming row
+  // t) where the weights are undefined: a softmax over k selected logits that are all -Inf, or a
+  // normalization whose denominator is 0 (every selected score 0 with epsilon 0).
+  void weights_row(Lane& lane, const char* function, const Compute* row, Index t) const {
+    const std::vector<Index>& selected = lane.selected;
+    auto& raw = lane.raw;
     if (options_.weights == RouterWeights::softmax_of_selected) {
       Compute max = -std::numeric_limits<Compute>::infinity();
-      for (Index i = 0; i < k_; ++i) max = std::max(max, row[selected_[std::size_t(i)]]);
+      for (Index i = 0; i < k_; ++i) max = std::max(max, row[selected[std::size_t(i)]]);
       if (max == -std::numeric_limits<Compute>::infinity()) {
         detail::throw_invalid(function, "logits",
                               "a finite logit among the k selected experts (softmax_of_selected "
@@ -388,37 +453,38 @@ class Router {
       }
       Compute sum = Compute(0);
       for (Index i = 0; i < k_; ++i) {
-        raw_[i] = std::exp(row[selected_[std::size_t(i)]] - max);
-        sum += raw_[i];
+        raw[i] = std::exp(row[selected[std::size_t(i)]] - max);
+        sum += raw[i];
       }
-      raw_ /= sum;
+      raw /= sum;
     } else {
-      for (Index i = 0; i < k_; ++i) raw_[i] = s_[selected_[std::size_t(i)]];
+      for (Index i = 0; i < k_; ++i) raw[i] = lane.s[selected[std::size_t(i)]];
     }
-    sum_ = raw_.sum();
-    u_ = raw_;
+    lane.sum = raw.sum();
+    lane.u = raw;
     if (options_.normalize) {
-      const Compute d = denominator();
+      const Compute d = denominator(lane);
       if (!(d > Compute(0))) {
         detail::throw_invalid(function, "logits",
                               "selected scores with a positive sum when normalizing with "
                               "normalize_epsilon = 0 (set normalize_epsilon > 0)",
                               detail::concat("a sum of 0 at row ", t));
       }
-      u_ /= d;
+      lane.u /= d;
     }
-    u_ *= static_cast<Compute>(options_.scaling_factor);
+    lane.u *= static_cast<Compute>(options_.scaling_factor);
   }
 
-  // The normalization's denominator for the current row (sum_ set by weights_row).
-  Compute denominator() const {
+  // The normalization's denominator for the lane's current row (lane.sum set by weights_row).
+  Compute denominator(const Lane& lane) const {
     const Compute eps = static_cast<Compute>(options_.normalize_epsilon);
-    return options_.epsilon_mode == NormalizeEpsilon::add ? sum_ + eps : std::max(sum_, eps);
+    return options_.epsilon_mode == NormalizeEpsilon::add ? lane.sum + eps
+                                                          : std::max(lane.sum, eps);
   }
   // Whether the denominator varies with u (not clamped).
-  bool denominator_varies() const {
+  bool denominator_varies(const Lane& lane) const {
     return options_.epsilon_mode == NormalizeEpsilon::add ||
-           sum_ >= static_cast<Compute>(options_.normalize_epsilon);
+           lane.sum >= static_cast<Compute>(options_.normalize_epsilon);
   }
 
   template <bool Accumulate, class Out>
@@ -430,66 +496,84 @@ class Router {
     detail::check_output_shape(function, "dloss_dweights", dw.rows(), dw.cols(), x.rows(), k_);
     detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(), n_);
     detail::check_finite_parameter(function, "scale", double(scale));
-    for (Index t = 0; t < x.rows(); ++t) {
+    for_row_chunks(x.rows(), [&](Lane& lane, Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        backward_row<Accumulate>(lane, function, x, indices, dw, out, scale, t);
+      }
+    });
+  }
+
+  // One row of backward_impl: validates the row's indices (naming the row), then writes (or
+  // adds) the row of scale * d loss / d logits.
+  template <bool Accumulate, class Out>
+  void backward_row(Lane& lane, const char* function, const detail::RowInput<Scalar>& x,
+                    const Eigen::Ref<const IndexMatrix>& indices,
+                    const detail::RowInput<Compute>& dw, RowMatrixRef<Out>& out, Compute scale,
+                    Index t) const {
+    std::vector<Index>& selected = lane.selected;
+    for (Index i = 0; i < k_; ++i) {
+      const Index e = indices(t, i);
+      if (e < 0 || e >= n_) {
+        detail::throw_invalid(function, "indices",
+                              detail::concat("expert indices in [0, ", n_, ")"),
+                              detail::concat(e, " at row ", t, ", slot ", i));
+      }
+      selected[std::size_t(i)] = e;
+    }
+    const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
+    scores_row(lane, function, row, t);
+    weights_row(lane, function, row, t);  // recomputes the unnormalized weights and their sum
+    const auto& s = lane.s;
+    const auto& raw = lane.raw;
+    auto& g = lane.g;
+    // w = c u / D with c the scaling and D = sum u + eps (add) or max(sum u, eps) (clamp):
+    // d L / d u_j = (c / D) (g_j - [D varies] sum_i g_i u_i / D). Uses the unnormalized raw,
+    // never a division by c (c = 0 gives a zero gradient).
+    const Compute scaling = static_cast<Compute>(options_.scaling_factor);
+    const Compute denominator = options_.normalize ? this->denominator(lane) : Compute(1);
+    const bool varies = options_.normalize && denominator_varies(lane);
+    Compute gu = Compute(0);
+    if (varies) {
+      for (Index i = 0; i < k_; ++i) gu += dw(t, i) * raw[i];
+      gu /= denominator;
+    }
+    g.setZero();
+    Out* dx = out.data() + t * out.outerStride();
+    for (Index i = 0; i < k_; ++i) {
+      g[selected[std::size_t(i)]] += scaling * (dw(t, i) - gu) / denominator;
+    }
+    if (options_.weights == RouterWeights::softmax_of_selected) {
+      // raw = p = softmax(x[selected]): d L / d x_sel = p (g - sum g p).
+      Compute gp = Compute(0);
+      for (Index i = 0; i < k_; ++i) gp += g[selected[std::size_t(i)]] * raw[i];
+      // Finished in Compute (drow), then stored once.
+      auto& drow = lane.drow;
+      drow.setZero();
       for (Index i = 0; i < k_; ++i) {
-        const Index e = indices(t, i);
-        if (e < 0 || e >= n_) {
-          detail::throw_invalid(function, "indices", detail::concat("expert indices in [0, ", n_, ")"),
-                                detail::concat(e, " at row ", t, ", slot ", i));
-        }
-        selected_[std::size_t(i)] = e;
+        const Index e = selected[std::size_t(i)];
+        drow[e] += scale * raw[i] * (g[e] - gp);
       }
-      const Compute* row = reader_.read(x.data() + t * x.outerStride(), n_);
-      scores_row(function, row, t);
-      weights_row(function, row, t);  // recomputes the unnormalized weights and their sum
-      // w = c u / D with c the scaling and D = sum u + eps (add) or max(sum u, eps) (clamp):
-      // d L / d u_j = (c / D) (g_j - [D varies] sum_i g_i u_i / D). Uses the unnormalized raw_,
-      // never a division by c (c = 0 gives a zero gradient).
-      const Compute scaling = static_cast<Compute>(options_.scaling_factor);
-      const Compute denominator = options_.normalize ? this->denominator() : Compute(1);
-      const bool varies = options_.normalize && denominator_varies();
-      Compute gu = Compute(0);
-      if (varies) {
-        for (Index i = 0; i < k_; ++i) gu += dw(t, i) * raw_[i];
-        gu /= denominator;
+      for (Index j = 0; j < n_; ++j) detail::store<Accumulate>(dx[j], drow[j]);
+      return;
+    }
+    if (options_.score == RouterScore::softmax) {
+      const Compute gs = detail::lane_dot(g.data(), s.data(), n_);
+      for (Index j = 0; j < n_; ++j) {
+        detail::store<Accumulate>(dx[j], Compute(scale * s[j] * (g[j] - gs)));
       }
-      g_.setZero();
-      Out* dx = out.data() + t * out.outerStride();
-      for (Index i = 0; i < k_; ++i) {
-        g_[selected_[std::size_t(i)]] += scaling * (dw(t, i) - gu) / denominator;
-      }
-      if (options_.weights == RouterWeights::softmax_of_selected) {
-        // raw_ = p = softmax(x[selected]): d L / d x_sel = p (g - sum g p).
-        Compute gp = Compute(0);
-        for (Index i = 0; i < k_; ++i) gp += g_[selected_[std::size_t(i)]] * raw_[i];
-        // Finished in Compute (drow_), then stored once.
-        drow_.setZero();
-        for (Index i = 0; i < k_; ++i) {
-          const Index e = selected_[std::size_t(i)];
-          drow_[e] += scale * raw_[i] * (g_[e] - gp);
+    } else {
+      for (Index j = 0; j < n_; ++j) {
+        Compute derivative;
+        if (options_.score == RouterScore::sigmoid) {
+          derivative = s[j] * (Compute(1) - s[j]);
+        } else {
+          // d sqrt(softplus(x)) / dx = sigmoid(x) / (2 sqrt(softplus(x))).
+          const Compute v = row[j];
+          const Compute sig = v >= Compute(0) ? Compute(1) / (Compute(1) + std::exp(-v))
+                                              : std::exp(v) / (Compute(1) + std::exp(v));
+          derivative = s[j] > Compute(0) ? sig / (Compute(2) * s[j]) : Compute(0);
         }
-        for (Index j = 0; j < n_; ++j) detail::store<Accumulate>(dx[j], drow_[j]);
-        continue;
-      }
-      if (options_.score == RouterScore::softmax) {
-        const Compute gs = detail::lane_dot(g_.data(), s_.data(), n_);
-        for (Index j = 0; j < n_; ++j) {
-          detail::store<Accumulate>(dx[j], Compute(scale * s_[j] * (g_[j] - gs)));
-        }
-      } else {
-        for (Index j = 0; j < n_; ++j) {
-          Compute derivative;
-          if (options_.score == RouterScore::sigmoid) {
-            derivative = s_[j] * (Compute(1) - s_[j]);
-          } else {
-            // d sqrt(softplus(x)) / dx = sigmoid(x) / (2 sqrt(softplus(x))).
-            const Compute v = row[j];
-            const Compute sig = v >= Compute(0) ? Compute(1) / (Compute(1) + std::exp(-v))
-                                                : std::exp(v) / (Compute(1) + std::exp(v));
-            derivative = s_[j] > Compute(0) ? sig / (Compute(2) * s_[j]) : Compute(0);
-          }
-          detail::store<Accumulate>(dx[j], Compute(scale * derivative * g_[j]));
-        }
+        detail::store<Accumulate>(dx[j], Compute(scale * derivative * g[j]));
       }
     }
   }
@@ -498,15 +582,8 @@ class Router {
   RouterOptions options_;
   // The name `backward` reports errors under (`route_backward` names itself).
   const char* backward_name_ = "moebal::Router::backward";
-  detail::ScratchArray<Compute> s_, v_, u_, raw_, g_, drow_, group_scores_;
-  detail::RowReader<Scalar, Compute> reader_;
   Eigen::Array<Compute, Eigen::Dynamic, 1> bias_compute_;
-  std::vector<Index> group_order_;
-  std::vector<Compute> group_values_;
-  std::vector<Index> selected_;
-  detail::TopkScratch<Compute> topk_, group_topk_;
-  detail::RowNorm<Compute> norm_;
-  Compute sum_ = Compute(0);
+  std::vector<Lane> lanes_;  // per thread: one row's scratch
 };
 
 /// Routes T x N logits in one call (see the file comment for the steps).
