@@ -415,3 +415,28 @@ TEST_CASE("threads: the ScoredRows losses report the first bad row whatever the 
     CHECK(combined.forward_backward(x.topRows(1000), grad.topRows(1000)) > 0.0f);
   }
 }
+
+TEST_CASE("threads: sequence-level losses report the lowest bad row, sequences interleaved",
+          "[threads][determinism][sequence]") {
+  // Sequence-major, 40 sequences of 100 tokens: row s B + b is token s of sequence b, so
+  // sequence 39's row 39 comes before sequence 0's row 2000 although its sequence is later.
+  RowMatrix<float> x = threaded_logits<float>(4000, 8, 9u);
+  x(2000, 3) = std::numeric_limits<float>::quiet_NaN();  // sequence 0
+  x(3239, 6) = -std::numeric_limits<float>::quiet_NaN();
+  x(39, 1) = std::numeric_limits<float>::infinity();  // sequence 39
+  moebal::CombinedOptions options;
+  options.weights.sequence = 0.1;
+  options.weights.z = 0.01;
+  options.layout = moebal::SequenceLayout::sequence_major(100);
+  for (const int threads : kThreadCounts) {
+    INFO("threads = " << threads);
+    ThreadScope scope(threads);
+    moebal::SequenceAuxLoss<float> sequence(8, 2, moebal::SequenceLayout::sequence_major(100));
+    CHECK_THROWS_WITH(sequence.forward(x), Catch::Contains("row 39, column 1"));
+    moebal::CombinedAuxLoss<float> combined(8, 2, options);
+    RowMatrix<float> grad(4000, 8);
+    CHECK_THROWS_WITH(combined.forward_backward(x, grad), Catch::Contains("row 39, column 1"));
+    // Usable again afterwards.
+    CHECK(sequence.forward(x.bottomRows(700)) > 0.0f);
+  }
+}

@@ -111,6 +111,11 @@ TEMPLATE_TEST_CASE("Loss family objects: no allocation in steady state", "[loss]
   combined_options.weights = {1.0, 0.1, 0.2, 0.3};
   combined_options.layout = moebal::SequenceLayout::sequence_major(256);
   moebal::CombinedAuxLoss<T> combined(cols, 2, combined_options);
+  // Without the sequence term pass 1 runs on the threads (block partials).
+  moebal::CombinedOptions sz_options;
+  sz_options.weights = {1.0, 0.1, 0.0, 0.3};
+  sz_options.score = moebal::ScoreFunction::sigmoid;
+  moebal::CombinedAuxLoss<T> combined_sz(cols, 2, sz_options);
   moebal::ZLoss<T> z(0.1);
   moebal::Cv2Options cv2_options;
   cv2_options.gates = moebal::ImportanceGates::topk;
@@ -147,6 +152,9 @@ TEMPLATE_TEST_CASE("Loss family objects: no allocation in steady state", "[loss]
     combined.forward_backward(logits, grad, m);
     combined.forward(logits, m);
     combined.backward_accumulate(logits, grad);
+    combined_sz.forward_backward(logits, grad, m);
+    combined_sz.forward(logits.topRows(300));
+    combined_sz.backward_accumulate(logits.topRows(300), grad.topRows(300));
     z.forward(logits, m);
     z.backward(logits, grad);
     cv2.forward(logits, m);
@@ -156,12 +164,17 @@ TEMPLATE_TEST_CASE("Loss family objects: no allocation in steady state", "[loss]
     device.forward(logits, m);
     device.backward(logits, grad);
   };
-  run();  // sizes the workspaces
-  {
-    NoAllocationScope scope;
-    run();
+  for (const int threads : {2, 1}) {
+    INFO("threads = " << threads);
+    moebal::set_num_threads(threads);
+    run();  // sizes the workspaces (and starts the thread team)
+    {
+      NoAllocationScope scope;
+      run();
+    }
+    CHECK(allocations == 0);
   }
-  CHECK(allocations == 0);
+  moebal::set_num_threads(0);
 }
 
 TEMPLATE_TEST_CASE("Router: no allocation in steady state, any thread count", "[router][alloc]",

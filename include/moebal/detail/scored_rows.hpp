@@ -80,6 +80,25 @@ struct RowWork {
   ScratchArray<compute_type_t<S>> aux;
 };
 
+/// The rows of each group, for `ScoredRows::forward_groups`: order lists the rows of group 0,
+/// then of group 1, ..., each group's in increasing order; group g's are
+/// order[offsets[g] .. offsets[g + 1]). group_of[t] in [0, groups). O(T) memory, reused.
+inline void rows_by_group(const std::vector<Index>& group_of, Index groups,
+                          std::vector<Index>& order, std::vector<Index>& offsets) {
+  offsets.assign(static_cast<std::size_t>(groups + 1), 0);
+  for (const Index g : group_of) ++offsets[static_cast<std::size_t>(g + 1)];
+  for (Index g = 0; g < groups; ++g) offsets[std::size_t(g + 1)] += offsets[std::size_t(g)];
+  order.resize(group_of.size());
+  // offsets[g] as group g's cursor: afterwards it is group g's end ...
+  for (std::size_t t = 0; t < group_of.size(); ++t) {
+    order[static_cast<std::size_t>(offsets[static_cast<std::size_t>(group_of[t])]++)] =
+        static_cast<Index>(t);
+  }
+  // ... which is group g + 1's start.
+  for (Index g = groups; g > 0; --g) offsets[std::size_t(g)] = offsets[std::size_t(g - 1)];
+  offsets[0] = 0;
+}
+
 /// Rows per chunk of the threaded passes (the partition depends on T alone).
 inline constexpr Index kScoredChunkRows = 512;
 
@@ -174,6 +193,57 @@ class ScoredRows {
     });
     rows_ = rows;
     return partition.blocks;
+  }
+
+  /// Pass 1 on the threads by groups of rows (sequences): group g's rows,
+  /// order[offsets[g] .. offsets[g + 1]) in increasing order, are visited in that order by one
+  /// thread as visit(g, t, q, selection, work). Each group's sums therefore add in row order
+  /// whatever the thread count, with no partials. Visit must write nothing but group g's state
+  /// and `work`. Where a row is invalid, the error reported is the lowest invalid row's (as the
+  /// one-thread `forward` reports it).
+  template <class Visit>
+  void forward_groups(const char* function, const RowInput<S>& x, const TokenMask& mask,
+                      const std::vector<Index>& order, const std::vector<Index>& offsets,
+                      Visit&& visit, RowMatrixRef<C>* raw_out = nullptr) {
+    rows_ = -1;
+    const Index rows = x.rows();
+    norms_.resize(static_cast<std::size_t>(rows));
+    const Index groups = static_cast<Index>(offsets.size()) - 1;
+    MOEBAL_ASSERT(groups >= 0 && static_cast<Index>(order.size()) == rows);
+    // Chunks of whole groups of about kScoredChunkRows rows (any partition gives the same sums).
+    const Index per_chunk =
+        groups > 0 ? std::max<Index>(1, kScoredChunkRows * groups / std::max<Index>(rows, 1)) : 1;
+    const Index chunks = (groups + per_chunk - 1) / per_chunk;
+    const int threads = threads_for(chunks);
+    ensure_lanes(threads);
+    try {
+      for_chunks(chunks, threads, [&](int thread, Index chunk) {
+        Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+        const Index end_group = std::min(groups, (chunk + 1) * per_chunk);
+        for (Index g = chunk * per_chunk; g < end_group; ++g) {
+          for (Index i = offsets[std::size_t(g)]; i < offsets[std::size_t(g + 1)]; ++i) {
+            const Index t = order[std::size_t(i)];
+            row_forward(function, x, mask, t, lane, raw_out,
+                        [&](const C* q, const RowSelection<C>& sel) {
+                          visit(g, t, q, sel, lane.work);
+                        });
+          }
+        }
+      });
+    } catch (const invalid_argument&) {
+      // Groups interleave rows (sequence-major): report the lowest invalid row.
+      Lane& lane = lanes_[0];
+      for (Index t = 0; t < rows; ++t) {
+        if (!mask.is_real(t)) continue;
+        const C* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
+        RowNorm<C> norm;
+        if (!raw_scores(row, n_, score_, lane.raw, norm)) {
+          throw_invalid_row(function, row, n_, t, score_);
+        }
+      }
+      throw;
+    }
+    rows_ = rows;
   }
 
   /// `forward_blocks` with the common batch sums (`SelectionSums`): adds the real tokens to

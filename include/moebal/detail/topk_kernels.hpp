@@ -146,25 +146,88 @@ struct LaneTopk {
     for (Index r = 0; r < K; ++r) best[r] = Ops::splat(lowest);
   }
 
-  MOEBAL_ALWAYS_INLINE void insert(Block v) {
+  /// Inserts a block into the lists, of which only the first `depth` levels hold values yet
+  /// (the others are -Inf): the b-th block inserted reaches at most level b, so a row of few
+  /// blocks per lane (N = 64 in 16 lanes: 4) skips the deeper levels of the network.
+  MOEBAL_ALWAYS_INLINE void insert(Block v, Index depth = K) {
     for (Index r = 0; r < K; ++r) {
+      if (r == depth) {
+        best[r] = v;
+        return;
+      }
       const Block higher = Ops::max(best[r], v);
       v = Ops::min(best[r], v);
       best[r] = higher;
     }
   }
 
-  /// The K largest values of all lanes, sorted, with multiplicity, into out[0..K). In each of
-  /// log2(kLanes) steps lane l's list is merged with lane (l ^ s)'s by a bitonic merge
-  /// (m_i = max(a_i, b_(K-1-i)) holds the K largest of two sorted lists as a bitonic sequence,
-  /// which log2(K) compare-exchange stages sort); afterwards every lane holds the result.
+  /// The K largest values of all lanes, sorted, with multiplicity, into out[0..K): the lanes'
+  /// lists are merged pairwise by a bitonic merge (m_i = max(a_i, b_(K-1-i)) holds the K
+  /// largest of two sorted lists as a bitonic sequence, which log2(K) compare-exchange stages
+  /// sort), log2(kLanes) times. With vector types, each step merges the low half of the lanes
+  /// with the high half into a vector of half the width (cheaper operations as it narrows);
+  /// otherwise lane l is merged with lane l ^ s at full width.
   MOEBAL_ALWAYS_INLINE void merged(C* out) const {
+#if MOEBAL_HAS_SHUFFLEVECTOR
+    merge_halves<int(kLanes)>(best, out);
+#else
     Block lists[K];
     for (Index i = 0; i < K; ++i) lists[i] = best[i];
     merge_step<int(kLanes) / 2>(lists);
     for (Index i = 0; i < K; ++i) out[i] = lists[i][0];
+#endif
   }
 
+  /// Sorts the bitonic lists m[0..K) (elementwise over lanes) into decreasing order.
+  template <class V>
+  MOEBAL_ALWAYS_INLINE static void bitonic_sort(V (&m)[K]) {
+    for (Index stride = K / 2; stride >= 1; stride /= 2) {
+      for (Index i = 0; i < K; ++i) {
+        if ((i & stride) != 0) continue;
+        const V a = m[i], b = m[i + stride];
+        m[i] = a > b ? a : b;
+        m[i + stride] = a < b ? a : b;
+      }
+    }
+  }
+
+#if MOEBAL_HAS_SHUFFLEVECTOR
+  template <int L>
+  struct VectorOf {
+    typedef C type __attribute__((vector_size(sizeof(C) * L)));
+  };
+
+  /// Lanes [Offset, Offset + H) of v as a vector of H lanes.
+  template <int Offset, class V, int... I>
+  MOEBAL_ALWAYS_INLINE static auto lanes_of(V v, std::integer_sequence<int, I...>) {
+    return __builtin_shufflevector(v, v, (Offset + I)...);
+  }
+
+  template <int L>
+  MOEBAL_ALWAYS_INLINE static void merge_halves(const typename VectorOf<L>::type (&lists)[K],
+                                                C* out) {
+    if constexpr (L == 2) {
+      C m[K];
+      for (Index i = 0; i < K; ++i) {
+        const C a = lists[i][0], b = lists[K - 1 - i][1];
+        m[i] = a > b ? a : b;
+      }
+      bitonic_sort(m);
+      for (Index i = 0; i < K; ++i) out[i] = m[i];
+    } else {
+      constexpr int H = L / 2;
+      using Half = typename VectorOf<H>::type;
+      Half m[K];
+      for (Index i = 0; i < K; ++i) {
+        const Half a = lanes_of<0>(lists[i], std::make_integer_sequence<int, H>{});
+        const Half b = lanes_of<H>(lists[K - 1 - i], std::make_integer_sequence<int, H>{});
+        m[i] = a > b ? a : b;
+      }
+      bitonic_sort(m);
+      merge_halves<H>(m, out);
+    }
+  }
+#else
   template <int S>
   MOEBAL_ALWAYS_INLINE static void merge_step(Block (&lists)[K]) {
     if constexpr (S >= 1) {
@@ -186,6 +249,7 @@ struct LaneTopk {
       merge_step<S / 2>(lists);
     }
   }
+#endif
 
   Block best[K];
 };
@@ -199,11 +263,15 @@ MOEBAL_ALWAYS_INLINE void topk_threshold_search(const C* q, Index n, Index k, C&
   constexpr Index lanes = Lists::kLanes;
   Lists lists;
   Index j = 0;
-  for (; j + lanes <= n; j += lanes) lists.insert(Ops::load(q + j));
+  Index depth = 0;  // levels of the lists that hold values
+  for (; j + lanes <= n; j += lanes) {
+    lists.insert(Ops::load(q + j), depth);
+    depth += depth < K ? 1 : 0;
+  }
   if (j < n) {
     C tail[lanes];
     for (Index l = 0; l < lanes; ++l) tail[l] = j + l < n ? q[j + l] : Lists::lowest;
-    lists.insert(Ops::load(tail));
+    lists.insert(Ops::load(tail), depth);
   }
   C sorted[K];
   lists.merged(sorted);

@@ -132,8 +132,6 @@ class CombinedAuxLoss {
     options_.mask = TokenMask{};
     rows_.reset(num_experts, k, options.score, /*unordered=*/true);
     statistics_ = RoutingStatistics(num_experts);
-    work_.reader.resize(num_experts);
-    work_.aux.resize(num_experts);
   }
 
   /// Reads T x N logits and returns L.
@@ -268,20 +266,26 @@ class CombinedAuxLoss {
       finish(z_sum, 0);
       return loss();
     }
-    rows_.forward(
-        function, x, mask,
-        [&](Index t, const Compute* q, const Index* selected) {
-          tokens += 1.0;
-          // Per-sequence sums only; the batch sums are their totals (added after the pass).
-          const Index s = sequence_of_[static_cast<std::size_t>(t)];
+    // Per-sequence sums only (the batch sums are their totals, added after the pass), with the
+    // sequences on the threads, each one's rows in order (ScoredRows::forward_groups).
+    detail::rows_by_group(sequence_of_, sequences, order_, offsets_);
+    seq_z_.setZero(sequences);
+    rows_.forward_groups(
+        function, x, mask, order_, offsets_,
+        [&](Index s, Index t, const Compute* q, const detail::RowSelection<Compute>& sel,
+            detail::RowWork<Scalar>& work) {
           seq_tokens_[s] += 1.0;
-          detail::add_selection(q, selected, rows_.threshold(), rows_.top(), n, k,
+          detail::add_selection(q, sel.selected, sel.tau, sel.top, n, k,
                                 seq_counts_.data() + s * n, seq_first_.data() + s * n);
           double* row_sums = seq_sums_.data() + s * n;
           for (Index j = 0; j < n; ++j) row_sums[j] += double(q[j]);
-          if (use_z) z_sum += z_term(t, work_);
+          if (use_z) seq_z_[s] += z_term(t, work);
         },
         raw_out);
+    for (Index s = 0; s < sequences; ++s) {
+      tokens += seq_tokens_[s];
+      z_sum += seq_z_[s];
+    }
     if (use_seq) {
       for (Index s = 0; s < sequences; ++s) {
         counts += seq_counts_.row(s).transpose();
@@ -399,9 +403,10 @@ class CombinedAuxLoss {
     double z = 0.0;
   };
   std::vector<Partial> partials_;          // one per block (<= 64), reused
-  detail::RowWork<Scalar> work_;           // the one-thread pass's scratch
   std::vector<Compute> lse_;
   std::vector<Index> sequence_of_;
+  std::vector<Index> order_, offsets_;  // rows by sequence (detail::rows_by_group)
+  Eigen::VectorXd seq_z_;               // per sequence: sum of lse^2 (z-loss)
   RowMatrix<double> seq_counts_, seq_first_, seq_sums_, seq_f_;  // sequences x N
   RowMatrix<Compute> seq_g_;                                     // sequences x N
   Eigen::VectorXd seq_tokens_, seq_factor_, seq_denominators_;

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -213,17 +214,32 @@ class Cv2ImportanceLoss {
     tokens_ = 0;
     const Index n = rows_.num_experts(), k = rows_.k();
     const bool topk = options_.gates == ImportanceGates::topk;
-    rows_.forward(function, x, mask, [&](Index t, const Compute* q, const Index* selected) {
-      ++tokens_;
-      if (!topk) {
-        for (Index j = 0; j < n; ++j) importance_[j] += double(q[j]);
-        return;
-      }
-      Compute s = Compute(0);
-      for (Index i = 0; i < k; ++i) s += q[selected[i]];
-      if (!(s > Compute(0))) detail::throw_zero_topk_sum(function, t);
-      for (Index i = 0; i < k; ++i) importance_[selected[i]] += double(q[selected[i]] / s);
-    });
+    // Blocks of rows on the threads, each into its own partial, added in block order.
+    const Index blocks = rows_.forward_blocks(
+        function, x, mask, partials_,
+        [n](Partial& p) {
+          p.tokens = 0;
+          p.importance.setZero(n);
+        },
+        [&](Partial& p, Index t, const Compute* q, const detail::RowSelection<Compute>& sel,
+            detail::RowWork<Scalar>&) {
+          ++p.tokens;
+          double* importance = p.importance.data();
+          if (!topk) {
+            for (Index j = 0; j < n; ++j) importance[j] += double(q[j]);
+            return;
+          }
+          const Index* selected = sel.selected;
+          Compute s = Compute(0);
+          for (Index i = 0; i < k; ++i) s += q[selected[i]];
+          if (!(s > Compute(0))) detail::throw_zero_topk_sum(function, t);
+          for (Index i = 0; i < k; ++i) importance[selected[i]] += double(q[selected[i]] / s);
+        });
+    for (Index b = 0; b < blocks; ++b) {
+      const Partial& p = partials_[static_cast<std::size_t>(b)];
+      tokens_ += p.tokens;
+      importance_ += p.importance.matrix();
+    }
     loss_ = detail::cv2_and_gradient(importance_, options_.variance, options_.coefficient, h_);
     h_compute_ = h_.array().template cast<Compute>();
     return loss();
@@ -256,6 +272,12 @@ class Cv2ImportanceLoss {
 
   Cv2Options options_;
   detail::ScoredRows<Scalar> rows_;
+  // One block's partial of pass 1 (real tokens, importance sums).
+  struct Partial {
+    std::int64_t tokens = 0;
+    Eigen::ArrayXd importance;
+  };
+  std::vector<Partial> partials_;  // one per block (<= 64), reused
   Eigen::VectorXd importance_, h_;
   detail::ScratchArray<Compute> h_compute_;
   double loss_ = 0.0;

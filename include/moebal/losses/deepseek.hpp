@@ -118,7 +118,6 @@ class DeviceBalanceLoss {
     f_.setZero(options.devices);
     P_.setZero(options.devices);
     g_device_.setZero(options.devices);
-    touched_.assign(static_cast<std::size_t>(options.devices), 0);
   }
 
   /// Reads T x N logits and returns L.
@@ -164,16 +163,36 @@ class DeviceBalanceLoss {
     reached_.setZero();
     sums_.setZero();
     tokens_ = 0;
-    rows_.forward(function, x, mask, [&](Index, const Compute* q, const Index* selected) {
-      tokens_ += 1.0;
-      std::fill(touched_.begin(), touched_.end(), char(0));
-      for (Index i = 0; i < k; ++i) {
-        counts_[selected[i]] += 1.0;
-        touched_[static_cast<std::size_t>(selected[i] / group_)] = 1;
-      }
-      for (Index d = 0; d < devices; ++d) reached_[d] += touched_[static_cast<std::size_t>(d)];
-      for (Index j = 0; j < n; ++j) sums_[j] += double(q[j]);
-    });
+    // Blocks of rows on the threads, each into its own partial, added in block order.
+    const Index group = group_;
+    const Index blocks = rows_.forward_blocks(
+        function, x, mask, partials_,
+        [n, devices](Partial& p) {
+          p.tokens = 0.0;
+          p.counts.setZero(n);
+          p.reached.setZero(devices);
+          p.sums.setZero(n);
+        },
+        [&](Partial& p, Index, const Compute* q, const detail::RowSelection<Compute>& sel,
+            detail::RowWork<Scalar>& work) {
+          p.tokens += 1.0;
+          // work.aux (N >= D entries) marks the devices this token reaches.
+          Compute* touched = work.aux.data();
+          std::fill(touched, touched + devices, Compute(0));
+          for (Index i = 0; i < k; ++i) {
+            p.counts[sel.selected[i]] += 1.0;
+            touched[sel.selected[i] / group] = Compute(1);
+          }
+          for (Index d = 0; d < devices; ++d) p.reached[d] += double(touched[d]);
+          for (Index j = 0; j < n; ++j) p.sums[j] += double(q[j]);
+        });
+    for (Index b = 0; b < blocks; ++b) {
+      const Partial& p = partials_[static_cast<std::size_t>(b)];
+      tokens_ += p.tokens;
+      counts_ += p.counts.matrix();
+      reached_ += p.reached.matrix();
+      sums_ += p.sums.matrix();
+    }
     const double tokens = tokens_;
     loss_ = 0.0;
     f_.setZero();
@@ -213,9 +232,14 @@ class DeviceBalanceLoss {
   DeviceBalanceKind kind_;
   DeviceBalanceOptions options_;
   detail::ScoredRows<Scalar> rows_;
+  // One block's partial of pass 1.
+  struct Partial {
+    double tokens = 0.0;
+    Eigen::ArrayXd counts, reached, sums;  // N, D, N
+  };
+  std::vector<Partial> partials_;  // one per block (<= 64), reused
   Index group_ = 1;
   Eigen::VectorXd counts_, reached_, sums_, f_, P_, g_device_;
-  std::vector<char> touched_;
   double tokens_ = 0.0;
   double loss_ = 0.0;
 };

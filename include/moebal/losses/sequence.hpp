@@ -253,13 +253,16 @@ class SequenceAuxLoss {
     first_.setZero(sequences, n);
     sums_.setZero(sequences, n);
     tokens_.setZero(sequences);
-    rows_.forward(function, x, mask, [&](Index t, const Compute* q, const Index* selected) {
-      const Index s = sequence_of_[static_cast<std::size_t>(t)];
-      tokens_[s] += 1.0;
-      for (Index i = 0; i < k; ++i) counts_(s, selected[i]) += 1.0;
-      first_(s, selected[0]) += 1.0;
-      for (Index j = 0; j < n; ++j) sums_(s, j) += double(q[j]);
-    });
+    // Sequences on the threads, each one's rows in order (see ScoredRows::forward_groups).
+    detail::rows_by_group(sequence_of_, sequences, order_, offsets_);
+    rows_.forward_groups(function, x, mask, order_, offsets_,
+                         [&](Index s, Index, const Compute* q,
+                             const detail::RowSelection<Compute>& sel, detail::RowWork<Scalar>&) {
+                           tokens_[s] += 1.0;
+                           for (Index i = 0; i < k; ++i) counts_(s, sel.selected[i]) += 1.0;
+                           first_(s, sel.selected[0]) += 1.0;
+                           for (Index j = 0; j < n; ++j) sums_(s, j) += double(q[j]);
+                         });
     // Per-sequence denominators and the mean's count.
     const double total = tokens_.sum();
     denominators_ = tokens_;
@@ -305,6 +308,7 @@ class SequenceAuxLoss {
   SequenceOptions options_;
   detail::ScoredRows<Scalar> rows_;
   std::vector<Index> sequence_of_;
+  std::vector<Index> order_, offsets_;  // rows by sequence (detail::rows_by_group)
   RowMatrix<double> counts_, first_, sums_, f_;  // sequences x N
   Eigen::VectorXd tokens_, denominators_, sequence_losses_;
   double averaged_ = 0.0;

@@ -394,7 +394,14 @@ class SwitchAuxLoss {
       for (Index chunk = partition.begin(block); chunk < partition.end(block); ++chunk) {
         const Index begin = chunk * detail::kSwitchChunkRows;
         const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
-        accumulate_chunk(function, x, mask, raw_out, lane, begin, end);
+        // The top-k method's depth is a template parameter: one dispatch per chunk.
+        if (k_ <= detail::kThresholdTopkMaxK) {
+          detail::with_topk_depth(k_, [&](auto depth) {
+            accumulate_chunk<decltype(depth)::value>(function, x, mask, raw_out, lane, begin, end);
+          });
+        } else {
+          accumulate_chunk<0>(function, x, mask, raw_out, lane, begin, end);
+        }
         block_sum += lane.chunk_sums;
         lane.thread_counts += lane.chunk_counts.template cast<double>();
         lane.thread_first += lane.chunk_first.template cast<double>();
@@ -420,7 +427,9 @@ class SwitchAuxLoss {
     return static_cast<Compute>(loss_);
   }
 
-  // One chunk of phase 1: rows [begin, end) into the lane's partial sums.
+  // One chunk of phase 1: rows [begin, end) into the lane's partial sums. K: the threshold
+  // top-k's lane-list depth (a power of two >= k), or 0 for the exact method only (k > 16).
+  template <Index K>
   void accumulate_chunk(const char* function, const detail::RowInput<Scalar>& x,
                         const TokenMask& mask, RowMatrixRef<Compute>* raw_out, Lane& lane,
                         Index begin, Index end) {
@@ -449,11 +458,9 @@ class SwitchAuxLoss {
       Compute* cc = lane.chunk_counts.data();
       Compute* cf = lane.chunk_first.data();
       bool counted = false;
-      if (k_ <= detail::kThresholdTopkMaxK) {
+      if constexpr (K > 0) {
         Compute tau = Compute(0), top = Compute(0);
-        detail::with_topk_depth(k_, [&](auto depth) {
-          detail::topk_threshold_search<decltype(depth)::value>(q, n, k_, tau, top);
-        });
+        detail::topk_threshold_search<K>(q, n, k_, tau, top);
         // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
         // the selection is {j : q_j >= tau} and the first choice the maximum: counted with
         // vector adds in the same pass as the score sums (exact: a chunk counts at most 512),
