@@ -150,6 +150,23 @@ def markdown(table, context, pytorch, note):
             else:
                 cells += ["", ""]
         print("| " + " | ".join(cells) + " |")
+    # The other losses of the list, same shapes and runs.
+    print()
+    others = [("z-loss fwd+bwd", "BM_ZLoss_ForwardBackward"),
+              ("combined, all four terms, fwd+bwd", "BM_Combined_ForwardBackward"),
+              ("sequence-level fwd+bwd", "BM_Sequence_ForwardBackward"),
+              ("global batch (count + sync + fwd+bwd)", "BM_GlobalBatch_ForwardBackward"),
+              ("router fwd", "BM_Router_Forward")]
+    header = ["type", "T", "N", "k", "threads", "copy"] + [label for label, _ in others]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for dtype, tokens, experts, k, threads in table.shapes():
+        copy = table.copy(dtype, tokens, experts, threads)
+        cells = [dtype, str(tokens), str(experts), str(k), str(threads), fmt_ms(copy)]
+        for _, bench in others:
+            t = table.get(bench, dtype, tokens, experts, k, threads)
+            cells.append(f"{fmt_ms(t)} ({ratio(t, copy)})" if t is not None else "n/a")
+        print("| " + " | ".join(cells) + " |")
     if pytorch:
         print()
         print(f"PyTorch {pytorch['torch']} eager on the CPU (Debian `python3-torch`), measured by "

@@ -4,10 +4,12 @@
 /// @file
 /// The thread count of moebal's kernels: one process-wide setting, `moebal::set_num_threads`.
 ///
-/// Kernels that read the T x N logits (the Switch loss first) split the tokens into chunks of a
-/// fixed size (independent of the thread count), run the chunks on up to `num_threads()` OpenMP
-/// threads, and combine the chunks' partial sums in chunk order. Results (loss, statistics,
-/// gradient) are therefore bitwise identical for any thread count, 1 included.
+/// Every kernel that reads the T x N logits (each loss, the router) splits the tokens into
+/// chunks of a fixed size (independent of the thread count) and runs them on up to
+/// `num_threads()` OpenMP threads; sums over tokens are built from per-block partials combined
+/// in block order (or, for per-sequence sums, one sequence per thread in row order). Results
+/// (loss, statistics, gradient, router output) are therefore bitwise identical for any thread
+/// count, 1 included.
 ///
 /// Threads are used only when the including translation unit is compiled with OpenMP
 /// (`_OPENMP`; CMake: moebal::moebal links OpenMP::OpenMP_CXX when MOEBAL_WITH_OPENMP is ON and

@@ -235,6 +235,19 @@ bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>&
   return std::isfinite(sum) && max != std::numeric_limits<C>::infinity();
 }
 
+/// Whether a row of n logits is a valid input as `raw_scores_to` judges it, without computing
+/// the scores: no NaN, no +Inf, and (softmax) at least one logit above -Inf.
+template <class C>
+bool valid_logits_row(const C* x, Index n, bool softmax) {
+  constexpr C inf = std::numeric_limits<C>::infinity();
+  int bad = 0, finite = 0;
+  for (Index j = 0; j < n; ++j) {
+    bad |= x[j] < inf ? 0 : 1;  // NaN or +Inf
+    finite |= x[j] > -inf ? 1 : 0;
+  }
+  return bad == 0 && (finite != 0 || !softmax);
+}
+
 /// `raw_scores_to` into an aligned scratch array of size n.
 template <class S, class C>
 bool raw_scores(const S* x, Index n, ScoreFunction score, ScratchArray<C>& raw, RowNorm<C>& norm) {

@@ -351,10 +351,16 @@ void topk_row(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch)
     return;
   }
   // The k selected values are distinct: collect them, then sort the k by decreasing value.
+  // Branch-free (whether q_j >= tau is unpredictable): every index is written at the next
+  // free slot and kept only if selected; exactly k are, so slot k is the only spare one.
+  Index found[kThresholdTopkMaxK + 1];
   Index filled = 0;
-  for (Index j = 0; j < n && filled < k; ++j) {
-    if (q[j] >= tau) out[filled++] = j;
+  for (Index j = 0; j < n; ++j) {
+    found[filled] = j;
+    filled += q[j] >= tau ? 1 : 0;
   }
+  MOEBAL_ASSERT(filled == k);
+  std::copy(found, found + k, out);
   for (Index i = 1; i < k; ++i) {
     const Index index = out[i];
     Index pos = i;

@@ -115,6 +115,9 @@ inline void check_combined_options(const char* function, Index num_experts, Inde
 
 /// The combined objective as a reusable object (no allocation in steady state).
 /// @tparam Scalar float or double (sums accumulate in double).
+/// Threads: pass 1 runs blocks of rows (without the sequence term) or sequences (with it) on
+/// `moebal::num_threads()` threads, the backward runs row chunks; results are bitwise identical
+/// for any thread count (<moebal/core/threads.hpp>).
 template <class Scalar>
 class CombinedAuxLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,

@@ -149,6 +149,9 @@ inline double cv2_and_gradient(const Eigen::VectorXd& v, Cv2Variance variance, d
 /// Importance CV^2 as a reusable object (no allocation in steady state): `forward` sums the
 /// gates per expert, `backward` writes (or `backward_accumulate` adds) scale * d L / d logits.
 /// @tparam Scalar float or double (importance sums accumulate in double).
+/// Threads: pass 1 runs blocks of rows on `moebal::num_threads()` threads (partials added in
+/// block order), the backward runs row chunks; results are bitwise identical for any thread
+/// count (<moebal/core/threads.hpp>).
 template <class Scalar>
 class Cv2ImportanceLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,

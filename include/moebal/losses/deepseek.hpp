@@ -93,6 +93,9 @@ inline void check_device_options(const char* function, Index num_experts, Index 
 
 /// A DeepSeek-V2 device term as a reusable object (no allocation in steady state).
 /// @tparam Scalar float or double (sums accumulate in double).
+/// Threads: pass 1 runs blocks of rows on `moebal::num_threads()` threads (partials added in
+/// block order), the backward runs row chunks; results are bitwise identical for any thread
+/// count (<moebal/core/threads.hpp>).
 template <class Scalar>
 class DeviceBalanceLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,

@@ -157,6 +157,9 @@ void checked_all_reduce(const char* function, Sync& sync, Index num_experts, Ind
 /// count never throws for its inputs: an invalid micro-batch (wrong shape, NaN logits, bad
 /// mask) is reported by synchronize, on every rank, so that no rank is left waiting.
 /// @tparam Scalar float or double (sums accumulate in double).
+/// Threads: `count` and the forward run blocks of rows on `moebal::num_threads()` threads
+/// (partials added in block order), the backward runs row chunks; results are bitwise identical
+/// for any thread count (<moebal/core/threads.hpp>).
 template <class Scalar>
 class GlobalBatchBalance {
   static_assert(detail::is_supported_scalar_v<Scalar>,
@@ -387,6 +390,9 @@ class GlobalBatchBalance {
 /// counts over ranks, updates the running mean and returns L_j; then `backward`. `reset` at
 /// each optimizer step.
 /// @tparam Scalar float or double.
+/// Threads: `count` and the forward run blocks of rows on `moebal::num_threads()` threads
+/// (partials added in block order), the backward runs row chunks; results are bitwise identical
+/// for any thread count (<moebal/core/threads.hpp>).
 template <class Scalar>
 class RunningGlobalBalance {
   static_assert(detail::is_supported_scalar_v<Scalar>,

@@ -184,6 +184,9 @@ struct SequenceAuxResult {
 /// The sequence-level loss as a reusable object. Per-sequence statistics take O(N x sequences)
 /// memory; `forward` fills them, `backward` writes (`backward_accumulate` adds) the gradient.
 /// @tparam Scalar float or double (sums accumulate in double).
+/// Threads: pass 1 runs sequences on `moebal::num_threads()` threads (each sequence's rows in
+/// row order), the backward runs row chunks; results are bitwise identical for any thread
+/// count (<moebal/core/threads.hpp>).
 template <class Scalar>
 class SequenceAuxLoss {
   static_assert(detail::is_supported_scalar_v<Scalar>,

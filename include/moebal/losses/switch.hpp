@@ -35,6 +35,7 @@
 #include "moebal/detail/input.hpp"
 #include "moebal/detail/parallel.hpp"
 #include "moebal/detail/reduce.hpp"
+#include "moebal/detail/row_kernels.hpp"
 #include "moebal/detail/score_kernels.hpp"
 #include "moebal/detail/topk_kernels.hpp"
 #include "moebal/metrics.hpp"
@@ -438,6 +439,7 @@ class SwitchAuxLoss {
     lane.chunk_counts.setZero();
     lane.chunk_first.setZero();
     lane.chunk_tokens = 0.0;
+    const bool fused = detail::fused_row_kernel(n);
     for (Index t = begin; t < end; ++t) {
       detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
       if (!mask.is_real(t)) {
@@ -448,42 +450,61 @@ class SwitchAuxLoss {
       // The raw scores go straight into the output row when it carries them to phase 2.
       Compute* raw = raw_out != nullptr ? raw_out->data() + t * raw_out->outerStride()
                                         : lane.raw.data();
-      if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
-        detail::throw_invalid_row(function, row, n, t, options_.score);
-      }
-      Compute* q = lane.scores.data();
-      const Compute inv = norm.inv;
-      for (Index j = 0; j < n; ++j) q[j] = raw[j] * inv;
       double* cs = lane.chunk_sums.data();
       Compute* cc = lane.chunk_counts.data();
       Compute* cf = lane.chunk_first.data();
-      bool counted = false;
+      Compute* q = lane.scores.data();
+      bool counted = false, have_q = false;
       if constexpr (K > 0) {
         Compute tau = Compute(0), top = Compute(0);
-        detail::topk_threshold_search<K>(q, n, k_, tau, top);
+        if (fused) {
+          // Scores and the top-k search in one pass over the row (detail/row_kernels.hpp).
+          if (!detail::raw_scores_topk<K>(row, n, k_, options_.score, raw, norm, tau, top)) {
+            detail::throw_invalid_row(function, row, n, t, options_.score);
+          }
+        } else {
+          if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
+            detail::throw_invalid_row(function, row, n, t, options_.score);
+          }
+          for (Index j = 0; j < n; ++j) q[j] = raw[j] * norm.inv;
+          detail::topk_threshold_search<K>(q, n, k_, tau, top);
+        }
         // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
         // the selection is {j : q_j >= tau} and the first choice the maximum: counted with
         // vector adds in the same pass as the score sums (exact: a chunk counts at most 512),
         // and taken back on the rare tie. (Integer totals: the compiler may keep them in
         // vector lanes.)
+        const Compute inv = norm.inv;
         std::int32_t selected = 0, at_top = 0;
         for (Index j = 0; j < n; ++j) {
-          const bool in_topk = q[j] >= tau, is_top = q[j] == top;
+          const Compute qj = raw[j] * inv;
+          const bool in_topk = qj >= tau, is_top = qj == top;
           cc[j] += in_topk ? Compute(1) : Compute(0);
           cf[j] += is_top ? Compute(1) : Compute(0);
           selected += in_topk ? 1 : 0;
           at_top += is_top ? 1 : 0;
-          cs[j] += static_cast<double>(q[j]);
+          cs[j] += static_cast<double>(qj);
         }
         counted = selected == k_ && at_top == 1;
         if (!counted) {
           for (Index j = 0; j < n; ++j) {
-            cc[j] -= q[j] >= tau ? Compute(1) : Compute(0);
-            cf[j] -= q[j] == top ? Compute(1) : Compute(0);
+            const Compute qj = raw[j] * inv;
+            cc[j] -= qj >= tau ? Compute(1) : Compute(0);
+            cf[j] -= qj == top ? Compute(1) : Compute(0);
           }
         }
       } else {
-        for (Index j = 0; j < n; ++j) cs[j] += static_cast<double>(q[j]);
+        if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
+          detail::throw_invalid_row(function, row, n, t, options_.score);
+        }
+        for (Index j = 0; j < n; ++j) {
+          q[j] = raw[j] * norm.inv;
+          cs[j] += static_cast<double>(q[j]);
+        }
+        have_q = true;
+      }
+      if (!counted && !have_q) {
+        for (Index j = 0; j < n; ++j) q[j] = raw[j] * norm.inv;
       }
       if (!counted) {
         // Ties around the top k (or k above the threshold method's range): the exact method on

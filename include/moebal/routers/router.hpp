@@ -378,6 +378,18 @@ class Router {
 
   // lane.s = score(x) for one row; validates the row.
   void scores_row(Lane& lane, const char* function, const Compute* row, Index t) const {
+    if (scores_unused()) {
+      // Selection on the logits and softmax-of-selected weights (Megatron-core's default,
+      // Mixtral): the scores over all experts are never read, only the row is validated as
+      // computing them would (same error for the same row).
+      const ScoreFunction score = options_.score == RouterScore::softmax
+                                      ? ScoreFunction::softmax
+                                      : ScoreFunction::sigmoid;
+      if (!detail::valid_logits_row(row, n_, score == ScoreFunction::softmax)) {
+        detail::throw_invalid_row(function, row, n_, t, score);
+      }
+      return;
+    }
     if (options_.score == RouterScore::softmax) {
       if (!detail::raw_scores(row, n_, ScoreFunction::softmax, lane.v, lane.norm)) {
         detail::throw_invalid_row(function, row, n_, t, ScoreFunction::softmax);
@@ -391,6 +403,12 @@ class Router {
       }
     }
     detail::elementwise_scores(row, n_, options_.score, lane.s.data());
+  }
+
+  // Whether no step reads the scores over all experts (selection on the logits, weights from
+  // a softmax of the selected logits).
+  bool scores_unused() const {
+    return options_.select_on_logits && options_.weights == RouterWeights::softmax_of_selected;
   }
 
   // The top-k (with groups) of the selection values, into lane.selected.
