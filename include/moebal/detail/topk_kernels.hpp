@@ -345,21 +345,30 @@ bool topk_threshold(const C* q, Index n, Index k, C& tau, C& top) {
 template <class C>
 void topk_row(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch) {
   MOEBAL_ASSERT(k >= 1 && k <= n);
-  C tau = C(0), top = C(0);
-  if (k > kThresholdTopkMaxK || !topk_threshold(q, n, k, tau, top)) {
+  if (k > kThresholdTopkMaxK) {
     topk_row_exact(q, n, k, out, scratch);
     return;
   }
-  // The k selected values are distinct: collect them, then sort the k by decreasing value.
-  // Branch-free (whether q_j >= tau is unpredictable): every index is written at the next
-  // free slot and kept only if selected; exactly k are, so slot k is the only spare one.
+  C tau = C(0), top = C(0);
+  with_topk_depth(k, [&](auto depth) {
+    topk_threshold_search<decltype(depth)::value>(q, n, k, tau, top);
+  });
+  // Verification and collection in one branch-free pass (whether q_j >= tau is
+  // unpredictable): each index is written at the next free slot and kept only if selected;
+  // past k selected every write goes to the spare slot k. Without a tie exactly k are
+  // selected and one equals the maximum.
   Index found[kThresholdTopkMaxK + 1];
-  Index filled = 0;
+  Index filled = 0, at_top = 0;
   for (Index j = 0; j < n; ++j) {
-    found[filled] = j;
+    found[filled < k ? filled : k] = j;
     filled += q[j] >= tau ? 1 : 0;
+    at_top += q[j] == top ? 1 : 0;
   }
-  MOEBAL_ASSERT(filled == k);
+  if (filled != k || at_top != 1) {
+    topk_row_exact(q, n, k, out, scratch);
+    return;
+  }
+  // The k selected values are distinct: sort the k by decreasing value.
   std::copy(found, found + k, out);
   for (Index i = 1; i < k; ++i) {
     const Index index = out[i];

@@ -135,6 +135,21 @@ class CombinedAuxLoss {
     options_.mask = TokenMask{};
     rows_.reset(num_experts, k, options.score, /*unordered=*/true);
     statistics_ = RoutingStatistics(num_experts);
+    const CombinedWeights& w = options.weights;
+    if constexpr (std::is_same_v<Scalar, Compute>) {
+      if (w.sequence == 0.0 && w.cv2_importance == 0.0 &&
+          options.score == ScoreFunction::softmax) {
+        // Switch + z-loss with softmax scores: the Switch kernel with the z term fused in
+        // (one pass 1, one pass 2; the same value and gradient to rounding).
+        SwitchOptions switch_options;
+        switch_options.convention = options.convention;
+        switch_options.score = ScoreFunction::softmax;
+        switch_options.coefficient = w.switch_loss;
+        switch_.emplace(SwitchAuxLoss<Scalar>("moebal::CombinedAuxLoss", num_experts, k,
+                                              switch_options));
+        switch_->z_weight_ = w.z;
+      }
+    }
   }
 
   /// Reads T x N logits and returns L.
@@ -206,6 +221,16 @@ class CombinedAuxLoss {
  private:
   Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                        const TokenMask& mask, RowMatrixRef<Compute>* raw_out) {
+    if (switch_) {
+      switch_->forward_impl(function, x, mask, raw_out);
+      statistics_ = switch_->statistics_;
+      f_ = switch_->f_;
+      terms_ = CombinedTerms{};
+      terms_.switch_loss = switch_->loss_;
+      terms_.z = switch_->z_value_;
+      loss_ = terms_.switch_loss + terms_.z;
+      return loss();
+    }
     const Index n = rows_.num_experts(), k = rows_.k(), rows = x.rows();
     detail::check_logits_columns(function, x.rows(), x.cols(), n);
     detail::check_mask(function, mask, rows);
@@ -359,6 +384,14 @@ class CombinedAuxLoss {
   template <bool Accumulate, class Out>
   void backward_impl(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out> out,
                      Compute scale, bool raw_in_out) {
+    if (switch_) {
+      if (raw_in_out) {
+        switch_->template apply_rows<false>(function, x, out, scale, true);
+      } else {
+        switch_->template backward_impl<Accumulate>(function, x, out, scale);
+      }
+      return;
+    }
     rows_.check_backward(function, x, out, double(scale));
     const Index n = rows_.num_experts();
     const bool use_z = options_.weights.z != 0.0 && statistics_.tokens() > 0;
@@ -398,6 +431,8 @@ class CombinedAuxLoss {
   }
 
   CombinedOptions options_;
+  // The Switch + z-loss case (softmax scores, float or double): the Switch kernel.
+  std::optional<SwitchAuxLoss<Scalar>> switch_;
   detail::ScoredRows<Scalar> rows_;
   RoutingStatistics statistics_;
   // One block's batch sums in the threaded pass 1 (no sequence term).

@@ -22,6 +22,8 @@
 /// With a mask, every sum over tokens runs over real tokens only, T is their count, padded rows
 /// are never read and get zero gradient.
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -41,6 +43,9 @@
 #include "moebal/metrics.hpp"
 
 namespace moebal {
+
+template <class Scalar>
+class CombinedAuxLoss;
 
 /// How the Switch loss counts the load fraction f_i. Each is named after its source.
 enum class SwitchConvention {
@@ -290,6 +295,10 @@ class SwitchAuxLoss {
   }
 
  private:
+  // The combined objective runs its Switch + z-loss case on this kernel (with z_weight_).
+  template <class>
+  friend class CombinedAuxLoss;
+
   template <class D>
   friend SwitchAuxResult<compute_type_t<typename D::Scalar>> switch_aux_loss(
       const Eigen::MatrixBase<D>&, Index, const SwitchOptions&);
@@ -382,6 +391,10 @@ class SwitchAuxLoss {
     ensure_lanes(threads);
     const std::size_t block_values = static_cast<std::size_t>(partition.blocks * n);
     if (block_sums_.size() < block_values) block_sums_.resize(block_values);
+    const bool use_z = z_weight_ != 0.0;
+    if (use_z && block_z_.size() < static_cast<std::size_t>(partition.blocks)) {
+      block_z_.resize(static_cast<std::size_t>(partition.blocks));
+    }
     for (int i = 0; i < threads; ++i) {
       Lane& lane = lanes_[static_cast<std::size_t>(i)];
       lane.thread_counts.setZero();
@@ -408,6 +421,20 @@ class SwitchAuxLoss {
         lane.thread_first += lane.chunk_first.template cast<double>();
         lane.thread_tokens += lane.chunk_tokens;
       }
+      if (use_z) {
+        // The z-loss's sum of lse_t^2 over the block's real rows, in row order
+        // (lse_t = shift_t - log(inv_t), from the softmax normalizer).
+        double z = 0.0;
+        const Index first = partition.begin(block) * detail::kSwitchChunkRows;
+        const Index last = std::min(rows, partition.end(block) * detail::kSwitchChunkRows);
+        for (Index t = first; t < last; ++t) {
+          const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+          if (norm.inv == Compute(0)) continue;
+          const double lse = double(lse_of(norm));
+          z += lse * lse;
+        }
+        block_z_[static_cast<std::size_t>(block)] = z;
+      }
     });
     double& tokens = statistics_.mutable_tokens();
     auto counts = statistics_.mutable_counts();
@@ -424,6 +451,14 @@ class SwitchAuxLoss {
     }
     update_f();
     loss_ = tokens > 0 ? options_.coefficient * double(n) * f_.dot(sums) / tokens : 0.0;
+    z_value_ = 0.0;
+    if (use_z) {
+      double z_sum = 0.0;
+      for (Index block = 0; block < partition.blocks; ++block) {
+        z_sum += block_z_[static_cast<std::size_t>(block)];
+      }
+      z_value_ = tokens > 0 ? z_weight_ * z_sum / tokens : 0.0;
+    }
     rows_ = rows;
     return static_cast<Compute>(loss_);
   }
@@ -518,6 +553,11 @@ class SwitchAuxLoss {
     }
   }
 
+  // log sum_j exp(x_tj) from a softmax row's normalizer.
+  static Compute lse_of(const detail::RowNorm<Compute>& norm) {
+    return norm.shift - std::log(norm.inv);
+  }
+
   // f_i from the counts in the chosen convention (see SwitchConvention).
   void update_f() {
     const double tokens = statistics_.tokens();
@@ -545,6 +585,9 @@ class SwitchAuxLoss {
     const Index chunks = (rows + detail::kSwitchChunkRows - 1) / detail::kSwitchChunkRows;
     const int threads = detail::threads_for(chunks);
     ensure_lanes(threads);
+    const double z_factor =
+        z_weight_ != 0.0 && tokens > 0 ? double(scale) * z_weight_ * 2.0 / tokens : 0.0;
+    MOEBAL_ASSERT(z_factor == 0.0 || options_.score == ScoreFunction::softmax);
     detail::for_chunks(chunks, threads, [&](int thread, Index chunk) {
       Lane& lane = lanes_[static_cast<std::size_t>(thread)];
       const Index begin = chunk * detail::kSwitchChunkRows;
@@ -571,6 +614,17 @@ class SwitchAuxLoss {
           raw = lane.raw.data();
         }
         const Compute g_dot_q = detail::dot_with_scores(f_compute_.data(), raw, norm, n);
+        if (z_factor != 0.0) {
+          // The combined objective's z-loss (softmax scores only) in the same pass (raw may
+          // be dx itself): d L / d x_tj += w_z (2 / T) lse_t q_tj.
+          const Compute c = static_cast<Compute>(z_factor * double(lse_of(norm)));
+          const Compute* f = f_compute_.data();
+          for (Index j = 0; j < n; ++j) {
+            const Compute q = raw[j] * norm.inv;
+            detail::store<Accumulate>(dx[j], Compute(factor * q * (f[j] - g_dot_q) + c * q));
+          }
+          continue;
+        }
         detail::score_vjp_row<Accumulate>(raw, norm, f_compute_.data(), g_dot_q, factor,
                                           options_.score, n, dx);
       }
@@ -620,6 +674,11 @@ class SwitchAuxLoss {
   detail::ScratchArray<Compute> f_compute_;         // N, f in the compute type
   std::vector<Lane> lanes_;                         // per thread: row and chunk scratch
   std::vector<double> block_sums_;                  // blocks x N score sums (<= 64 blocks)
+  // The combined objective's z-loss term (CombinedAuxLoss, softmax scores only): its weight,
+  // the blocks' partial sums of lse^2 and the term's value of the last forward.
+  double z_weight_ = 0.0;
+  std::vector<double> block_z_;
+  double z_value_ = 0.0;
   std::vector<detail::RowNorm<Compute>> norms_;     // T, per token; inv == 0 marks padding
   Index rows_ = -1;                                 // T of the last completed forward
   double loss_ = 0.0;

@@ -414,10 +414,16 @@ class Router {
   // The top-k (with groups) of the selection values, into lane.selected.
   void select_row(Lane& lane, const Compute* row) const {
     const bool logits = options_.select_on_logits;
+    const Index groups = options_.num_groups;
+    if (bias_compute_.size() == 0 && groups <= 1) {
+      // The selection values are the logits or the scores themselves: no copy.
+      detail::topk_row(logits ? row : static_cast<const Compute*>(lane.s.data()), n_, k_,
+                       lane.selected.data(), lane.topk);
+      return;
+    }
     auto& v = lane.v;
     for (Index j = 0; j < n_; ++j) v[j] = logits ? row[j] : lane.s[j];
     if (bias_compute_.size() != 0) v += bias_compute_;
-    const Index groups = options_.num_groups;
     if (groups > 1) {
       const Index size = n_ / groups, kept = options_.group_topk;
       for (Index g = 0; g < groups; ++g) {
