@@ -246,7 +246,9 @@ BalanceMetrics balance_metrics(const Eigen::MatrixBase<Derived>& counts) {
 /// @param k experts per token, 1 <= k <= N.
 /// @param domains length T, the domain label of each token, in [0, num_domains).
 /// @param num_domains D >= 1, the number of rows of the table.
-/// @param score the score function the top-k is taken on (default softmax).
+/// @param score the score function the top-k is taken on (default softmax). There is no expert
+///   bias here: for a router that selects on biased scores (DeepSeek-V3), count its
+///   `Router::forward` indices instead.
 /// @param mask length T, nonzero = real token; empty = every token real.
 /// @return D x N counts (int64).
 /// @throws moebal::invalid_argument if T or N is 0, k is out of range, num_domains < 1, domains

@@ -93,7 +93,9 @@ struct GlobalBatchOptions {
   /// Running mode only.
   RunningScaling scaling = RunningScaling::corrected;
   /// Coefficient of the added micro-batch Switch loss (f and P of the micro-batch alone);
-  /// 0 (default) adds nothing. Qiu et al. use 0.01 x `coefficient`.
+  /// 0 (default) adds nothing. Qiu et al. use 0.01 x `coefficient`. It applies to each
+  /// micro-batch's own loss: over M micro-batches of a step the added terms sum to M times
+  /// this weight (divide by M for a step-level weight, as examples/train_toy_moe does).
   double micro_batch_weight = 0.0;
 };
 
