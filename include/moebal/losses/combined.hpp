@@ -136,19 +136,17 @@ class CombinedAuxLoss {
     rows_.reset(num_experts, k, options.score, /*unordered=*/true);
     statistics_ = RoutingStatistics(num_experts);
     const CombinedWeights& w = options.weights;
-    if constexpr (std::is_same_v<Scalar, Compute>) {
-      if (w.sequence == 0.0 && w.cv2_importance == 0.0 &&
-          options.score == ScoreFunction::softmax) {
-        // Switch + z-loss with softmax scores: the Switch kernel with the z term fused in
-        // (one pass 1, one pass 2; the same value and gradient to rounding).
-        SwitchOptions switch_options;
-        switch_options.convention = options.convention;
-        switch_options.score = ScoreFunction::softmax;
-        switch_options.coefficient = w.switch_loss;
-        switch_.emplace(SwitchAuxLoss<Scalar>("moebal::CombinedAuxLoss", num_experts, k,
-                                              switch_options));
-        switch_->z_weight_ = w.z;
-      }
+    if (w.sequence == 0.0 && w.cv2_importance == 0.0 && options.score == ScoreFunction::softmax) {
+      // Switch + z-loss with softmax scores: the Switch kernel with the z term fused in (one
+      // pass 1, one pass 2; the same value and gradient to rounding). Every storage type takes
+      // this path, so half-precision logits compute exactly as their float upcast does.
+      SwitchOptions switch_options;
+      switch_options.convention = options.convention;
+      switch_options.score = ScoreFunction::softmax;
+      switch_options.coefficient = w.switch_loss;
+      switch_.emplace(
+          SwitchAuxLoss<Scalar>("moebal::CombinedAuxLoss", num_experts, k, switch_options));
+      switch_->z_weight_ = w.z;
     }
   }
 
@@ -431,7 +429,7 @@ class CombinedAuxLoss {
   }
 
   CombinedOptions options_;
-  // The Switch + z-loss case (softmax scores, float or double): the Switch kernel.
+  // The Switch + z-loss case (softmax scores): the Switch kernel.
   std::optional<SwitchAuxLoss<Scalar>> switch_;
   detail::ScoredRows<Scalar> rows_;
   RoutingStatistics statistics_;
