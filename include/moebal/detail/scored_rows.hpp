@@ -2,12 +2,16 @@
 #pragma once
 
 // Internal: the two-pass row engine shared by the losses whose gradient flows through the
-// score function (sequence-level, CV2 of importance, DeepSeek device and communication).
+// score function (sequence-level, CV2 of importance, DeepSeek device and communication, the
+// global-batch classes, and the combined objective outside its Switch + z-loss case).
 //
 // Pass 1 (forward) computes each real row's scores q_t (and, if asked, its top-k) and hands
 // them to the loss, which adds its batch sums; it keeps the row's normalizer, so that
 // pass 2 (backward) can rebuild q_t bitwise, ask the loss for d L / d q_t and push it through
-// the score function's vector-Jacobian product into the caller's buffer.
+// the score function's vector-Jacobian product into the caller's buffer. Both passes run on
+// the threads (detail/parallel.hpp): pass 1 by blocks of rows into per-block partials
+// (`forward_blocks`) or by groups of rows such as sequences (`forward_groups`), pass 2 by row
+// chunks; the plain `forward` visits the rows in order on the calling thread.
 
 #include <Eigen/Core>
 #include <algorithm>
