@@ -12,33 +12,15 @@
 #include "moebal/core/threads.hpp"
 #include "moebal/moebal.hpp"
 #include "support/random.hpp"
+#include "support/threads.hpp"
 
 using moebal::Index;
 using moebal::RowMatrix;
-using moebal_test::random_logits;
+using moebal_test::kThreadCounts;
+using moebal_test::tied_logits;
+using moebal_test::ThreadScope;
 
 namespace {
-
-// Sets the thread count for a scope and restores OpenMP's default after it.
-class ThreadScope {
- public:
-  explicit ThreadScope(int threads) { moebal::set_num_threads(threads); }
-  ~ThreadScope() { moebal::set_num_threads(0); }
-  ThreadScope(const ThreadScope&) = delete;
-  ThreadScope& operator=(const ThreadScope&) = delete;
-};
-
-constexpr int kThreadCounts[] = {1, 2, 4};
-
-// Logits with several chunks of rows (the kernels' chunk is 512 rows), the last one partial,
-// and some exact ties so that the slow top-k path runs too.
-template <class T>
-RowMatrix<T> threaded_logits(Index rows, Index cols, unsigned seed) {
-  RowMatrix<T> x = random_logits(rows, cols, 1.5, seed).cast<T>();
-  for (Index t = 0; t < rows; t += 37) x(t, cols - 1) = x(t, 0);
-  for (Index t = 5; t < rows; t += 101) x.row(t).setConstant(T(0.25));
-  return x;
-}
 
 Eigen::VectorXi threaded_mask(Index rows) {
   Eigen::VectorXi mask = Eigen::VectorXi::Ones(rows);
@@ -118,7 +100,7 @@ TEMPLATE_TEST_CASE("threads: the Switch loss is bitwise identical on 1, 2 and 4 
   using T = TestType;
   const Index rows = 2600;
   for (const Index cols : {Index(16), Index(7)}) {
-    const RowMatrix<T> x = threaded_logits<T>(rows, cols, 11u + unsigned(cols));
+    const RowMatrix<T> x = tied_logits<T>(rows, cols, 11u + unsigned(cols));
     const Eigen::VectorXi mask_values = threaded_mask(rows);
     for (const bool masked : {false, true}) {
       const moebal::TokenMask mask = masked ? moebal::TokenMask(mask_values) : moebal::TokenMask();
@@ -152,7 +134,7 @@ TEMPLATE_TEST_CASE("threads: the Switch loss is bitwise identical on 1, 2 and 4 
 }
 
 TEST_CASE("threads: one Switch object reused across thread counts", "[threads][determinism][switch]") {
-  const RowMatrix<float> x = threaded_logits<float>(3000, 32, 5u);
+  const RowMatrix<float> x = tied_logits<float>(3000, 32, 5u);
   moebal::SwitchAuxLoss<float> loss(32, 2);
   RowMatrix<float> reference(3000, 32), grad(3000, 32);
   float value = 0;
@@ -169,7 +151,7 @@ TEST_CASE("threads: one Switch object reused across thread counts", "[threads][d
 
 TEST_CASE("threads: the first bad row is reported whatever the thread count",
           "[threads][determinism][switch]") {
-  RowMatrix<float> x = threaded_logits<float>(4000, 8, 3u);
+  RowMatrix<float> x = tied_logits<float>(4000, 8, 3u);
   x(3500, 2) = std::numeric_limits<float>::quiet_NaN();
   x(700, 5) = std::numeric_limits<float>::infinity();
   x(2100, 1) = std::numeric_limits<float>::quiet_NaN();
@@ -191,7 +173,7 @@ TEMPLATE_TEST_CASE("threads: the z-loss is bitwise identical on 1, 2 and 4 threa
   using T = TestType;
   const Index rows = 2600;
   for (const Index cols : {Index(16), Index(7)}) {
-    RowMatrix<T> x = threaded_logits<T>(rows, cols, 21u + unsigned(cols));
+    RowMatrix<T> x = tied_logits<T>(rows, cols, 21u + unsigned(cols));
     x(9, 2) = -std::numeric_limits<T>::infinity();  // a disabled expert
     const Eigen::VectorXi mask_values = threaded_mask(rows);
     for (const bool masked : {false, true}) {
@@ -292,7 +274,7 @@ TEMPLATE_TEST_CASE("threads: the combined objective is bitwise identical on 1, 2
                    "[threads][determinism][combined]", float, double) {
   using T = TestType;
   const Index rows = 2600, cols = 16;
-  const RowMatrix<T> x = threaded_logits<T>(rows, cols, 31u);
+  const RowMatrix<T> x = tied_logits<T>(rows, cols, 31u);
   const Eigen::VectorXi mask_values = threaded_mask(rows);
   for (const bool masked : {false, true}) {
     const moebal::TokenMask mask = masked ? moebal::TokenMask(mask_values) : moebal::TokenMask();
@@ -331,7 +313,7 @@ TEMPLATE_TEST_CASE("threads: the ScoredRows losses are bitwise identical on 1, 2
                    "[threads][determinism][loss]", float, double) {
   using T = TestType;
   const Index rows = 2600, cols = 16;
-  const RowMatrix<T> x = threaded_logits<T>(rows, cols, 41u);
+  const RowMatrix<T> x = tied_logits<T>(rows, cols, 41u);
   const Eigen::VectorXi mask_values = threaded_mask(rows);
   const moebal::TokenMask mask(mask_values);
   SECTION("CV2 of importance, top-k gates") {
@@ -371,7 +353,7 @@ TEMPLATE_TEST_CASE("threads: the ScoredRows losses are bitwise identical on 1, 2
     check_thread_counts<T>([&] {
       LossRun<T> r;
       moebal::GlobalBatchBalance<T> balance(cols, 2);
-      const RowMatrix<T> second = threaded_logits<T>(1700, cols, 43u);
+      const RowMatrix<T> second = tied_logits<T>(1700, cols, 43u);
       balance.count(x, mask);
       balance.count(second);
       balance.synchronize();
@@ -393,7 +375,7 @@ TEMPLATE_TEST_CASE("threads: the ScoredRows losses are bitwise identical on 1, 2
 
 TEST_CASE("threads: the ScoredRows losses report the first bad row whatever the thread count",
           "[threads][determinism][loss]") {
-  RowMatrix<float> x = threaded_logits<float>(4000, 8, 7u);
+  RowMatrix<float> x = tied_logits<float>(4000, 8, 7u);
   x(3500, 2) = std::numeric_limits<float>::quiet_NaN();
   x(1800, 4) = std::numeric_limits<float>::infinity();
   x(2900, 1) = std::numeric_limits<float>::quiet_NaN();
@@ -420,7 +402,7 @@ TEST_CASE("threads: sequence-level losses report the lowest bad row, sequences i
           "[threads][determinism][sequence]") {
   // Sequence-major, 40 sequences of 100 tokens: row s B + b is token s of sequence b, so
   // sequence 39's row 39 comes before sequence 0's row 2000 although its sequence is later.
-  RowMatrix<float> x = threaded_logits<float>(4000, 8, 9u);
+  RowMatrix<float> x = tied_logits<float>(4000, 8, 9u);
   x(2000, 3) = std::numeric_limits<float>::quiet_NaN();  // sequence 0
   x(3239, 6) = -std::numeric_limits<float>::quiet_NaN();
   x(39, 1) = std::numeric_limits<float>::infinity();  // sequence 39

@@ -13,6 +13,7 @@
 #include "moebal/routers/presets.hpp"
 #include "moebal/routers/router.hpp"
 #include "support/random.hpp"
+#include "support/threads.hpp"
 
 using moebal::Index;
 using moebal::IndexMatrix;
@@ -20,21 +21,13 @@ using moebal::RouterOptions;
 using moebal::RouterScore;
 using moebal::RouterWeights;
 using moebal::RowMatrix;
+using moebal_test::kThreadCounts;
 using moebal_test::random_logits;
+using moebal_test::ThreadScope;
+using moebal_test::tied_logits;
 namespace presets = moebal::presets;
 
 namespace {
-
-// Sets the thread count for a scope and restores OpenMP's default after it.
-class ThreadScope {
- public:
-  explicit ThreadScope(int threads) { moebal::set_num_threads(threads); }
-  ~ThreadScope() { moebal::set_num_threads(0); }
-  ThreadScope(const ThreadScope&) = delete;
-  ThreadScope& operator=(const ThreadScope&) = delete;
-};
-
-constexpr int kThreadCounts[] = {1, 2, 4};
 
 // Three chunks of moebal::detail::kRouterChunkRows rows, the last one partial.
 constexpr Index kRows = 1500;
@@ -43,16 +36,6 @@ constexpr Index kExperts = 32;
 static_assert(kRows > 2 * moebal::detail::kRouterChunkRows &&
                   kRows % moebal::detail::kRouterChunkRows != 0,
               "several chunks, the last one partial");
-
-// Logits with exact ties: column 0 copied into the last column every 37th row (a tie that may
-// decide the top k), every 101st row constant (all experts tie).
-template <class T>
-RowMatrix<T> tied_logits(Index rows, Index cols, unsigned seed) {
-  RowMatrix<T> x = random_logits(rows, cols, 1.5, seed).cast<T>();
-  for (Index t = 0; t < rows; t += 37) x(t, cols - 1) = x(t, 0);
-  for (Index t = 5; t < rows; t += 101) x.row(t).setConstant(T(0.25));
-  return x;
-}
 
 struct RouterCase {
   const char* name;

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <exception>
 #include <utility>
+#include <vector>
 
 #include "moebal/core/threads.hpp"
 #include "moebal/core/types.hpp"
@@ -32,6 +33,17 @@ namespace detail {
 inline int threads_for(Index chunks) {
   const int threads = num_threads();
   return static_cast<int>(std::max<Index>(1, std::min<Index>(threads, chunks)));
+}
+
+/// Grows a kernel's per-thread scratch to `threads` lanes, sizing each new lane with
+/// init(lane); allocates only when the thread count grows (steady state: never).
+template <class Lane, class Init>
+void ensure_lanes(std::vector<Lane>& lanes, int threads, Init&& init) {
+  const std::size_t wanted = static_cast<std::size_t>(threads);
+  if (lanes.size() >= wanted) return;
+  const std::size_t old = lanes.size();
+  lanes.resize(wanted);
+  for (std::size_t i = old; i < wanted; ++i) init(lanes[i]);
 }
 
 /// Keeps the exception of the lowest chunk that threw.

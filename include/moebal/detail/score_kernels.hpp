@@ -182,8 +182,18 @@ MOEBAL_ALWAYS_INLINE C max_of_lanes(const RowBlock<C>& m) {
 /// written) and the row's normalizer. Returns false if the row is not a valid input: a NaN or
 /// +Inf logit, or (softmax) every logit -Inf. The sum over the row is the 8-lane sum of
 /// `lane_sum` (the same rounding).
-template <class S, class C>
-bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>& norm) {
+/// `block(r)` is called with each full block of kExpBlock raw values as it is computed (in row
+/// order; the blocks of 8 and the padded tail that follow when n is not a multiple of
+/// kExpBlock are not passed): a fused kernel's hook (detail/row_kernels.hpp).
+/// The block hook of `raw_scores_to` that does nothing.
+struct NoBlockHook {
+  template <class Block>
+  void operator()(const Block&) const noexcept {}
+};
+
+template <class S, class C, class BlockHook = NoBlockHook>
+bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>& norm,
+                   BlockHook&& block = BlockHook()) {
   static_assert(kRowBlock == kReduceLanes, "the row blocks are the reduction's lanes");
   using Block = ExpBlock<C>;
   using Out = Eigen::Map<Block>;
@@ -208,6 +218,7 @@ bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>&
     const Block r = raw_block<C>(load_block<C, kExpBlock>(x + j), max, score);
     for (Index h = 0; h < kExpBlock; h += kRowBlock) lanes += r.template segment<kRowBlock>(h);
     Out(raw + j) = r;
+    block(r);
   }
   for (; j + kRowBlock <= n; j += kRowBlock) {
     const RowBlock<C> r = raw_block<C>(load_block<C>(x + j), max, score);

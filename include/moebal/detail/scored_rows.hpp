@@ -363,12 +363,7 @@ class ScoredRows {
   };
 
   void ensure_lanes(int threads) {
-    const std::size_t wanted = static_cast<std::size_t>(threads);
-    if (lanes_.size() >= wanted) return;
-    const std::size_t old = lanes_.size();
-    lanes_.resize(wanted);
-    for (std::size_t i = old; i < wanted; ++i) {
-      Lane& lane = lanes_[i];
+    detail::ensure_lanes(lanes_, threads, [&](Lane& lane) {
       lane.raw.resize(n_);
       lane.q.resize(n_);
       lane.g.resize(n_);
@@ -378,7 +373,7 @@ class ScoredRows {
       lane.topk.resize(n_, std::max<Index>(k_, 1));
       lane.work.reader.resize(n_);
       lane.work.aux.resize(n_);
-    }
+    });
   }
 
   // Pass 1 for row t: its normalizer into norms_, then f(q, selection) for a real row.

@@ -335,12 +335,7 @@ class SwitchAuxLoss {
 
   // Sizes the scratch of `threads` threads (allocates only when the thread count grows).
   void ensure_lanes(int threads) {
-    const std::size_t wanted = static_cast<std::size_t>(threads);
-    if (lanes_.size() >= wanted) return;
-    const std::size_t old = lanes_.size();
-    lanes_.resize(wanted);
-    for (std::size_t i = old; i < wanted; ++i) {
-      Lane& lane = lanes_[i];
+    detail::ensure_lanes(lanes_, threads, [&](Lane& lane) {
       lane.raw.resize(num_experts_);
       lane.reader.resize(num_experts_);
       lane.scores.resize(num_experts_);
@@ -351,7 +346,7 @@ class SwitchAuxLoss {
       lane.thread_first.resize(num_experts_);
       lane.selected.resize(static_cast<std::size_t>(k_));
       lane.topk.resize(num_experts_, k_);
-    }
+    });
   }
 
   template <class Derived>

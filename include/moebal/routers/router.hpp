@@ -331,12 +331,7 @@ class Router {
 
   // Sizes the scratch of `threads` threads (allocates only when the thread count grows).
   void ensure_lanes(int threads) {
-    const std::size_t wanted = static_cast<std::size_t>(threads);
-    if (lanes_.size() >= wanted) return;
-    const std::size_t old = lanes_.size();
-    lanes_.resize(wanted);
-    for (std::size_t i = old; i < wanted; ++i) {
-      Lane& lane = lanes_[i];
+    detail::ensure_lanes(lanes_, threads, [&](Lane& lane) {
       lane.s.resize(n_);
       lane.v.resize(n_);
       lane.u.resize(k_);
@@ -350,7 +345,7 @@ class Router {
       lane.selected.resize(static_cast<std::size_t>(k_));
       lane.topk.resize(n_, k_);
       lane.group_topk.resize(options_.num_groups, std::max<Index>(options_.group_topk, 1));
-    }
+    });
   }
 
   // body(lane, begin, end) for the chunks of kRouterChunkRows rows of [0, rows), on up to
