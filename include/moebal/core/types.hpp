@@ -21,6 +21,14 @@
 #define MOEBAL_ALWAYS_INLINE inline
 #endif
 
+// Internal: pointers that do not alias (lets the compiler vectorize a row loop without a
+// run-time overlap check).
+#if defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER)
+#define MOEBAL_RESTRICT __restrict
+#else
+#define MOEBAL_RESTRICT
+#endif
+
 namespace moebal {
 
 /// Token, expert and count indices are 64-bit everywhere.

@@ -3,6 +3,11 @@
 
 // Internal: fused per-row kernels (scores and the threshold top-k search in one pass).
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
 #include <Eigen/Core>
 
 #include "moebal/core/types.hpp"
@@ -25,7 +30,7 @@ inline bool fused_row_kernel(Index n) { return n > 0 && n % kExpBlock == 0; }
 /// that test). n must satisfy `fused_row_kernel(n)`. Returns false for an invalid row (as
 /// `raw_scores_to`).
 template <Index K, class S, class C>
-bool raw_scores_topk(const S* x, Index n, Index k, ScoreFunction score, C* raw, RowNorm<C>& norm,
+MOEBAL_ALWAYS_INLINE bool raw_scores_topk(const S* x, Index n, Index k, ScoreFunction score, C* raw, RowNorm<C>& norm,
                      C& tau, C& top) {
   using Lists = LaneTopk<K, C>;
   using Ops = typename Lists::Ops;
@@ -45,6 +50,38 @@ bool raw_scores_topk(const S* x, Index n, Index k, ScoreFunction score, C* raw, 
   top = sorted[0] * norm.inv;
   tau = sorted[k - 1] * norm.inv;
   return valid;
+}
+
+/// The Switch loss's per-row statistics from a row's raw scores (q_j = raw_j * inv) and its
+/// threshold search (tau, the k-th largest score, and top, the largest): sums[j] += q_j for
+/// every j; if the threshold selection is exact (exactly k scores >= tau and exactly one equal
+/// to top, as `topk_threshold` verifies) counts[j] += [q_j >= tau], first[j] += [q_j == top]
+/// and the result is true; otherwise the counts are left unchanged and the result is false
+/// (the caller then takes the exact method). One loop that compilers vectorize (the arrays
+/// must not overlap).
+template <class C>
+MOEBAL_ALWAYS_INLINE bool count_threshold_row(const C* MOEBAL_RESTRICT raw, Index n, Index k,
+                                              C inv, C tau, C top,
+                                              std::int32_t* MOEBAL_RESTRICT counts,
+                                              std::int32_t* MOEBAL_RESTRICT first,
+                                              double* MOEBAL_RESTRICT sums) {
+  std::int32_t sel = 0, att = 0;
+  for (Index j = 0; j < n; ++j) {
+    const C q = raw[j] * inv;
+    const std::int32_t in_topk = q >= tau ? 1 : 0, is_top = q == top ? 1 : 0;
+    counts[j] += in_topk;
+    first[j] += is_top;
+    sel += in_topk;
+    att += is_top;
+    sums[j] += static_cast<double>(q);
+  }
+  if (sel == k && att == 1) return true;
+  for (Index j = 0; j < n; ++j) {
+    const C q = raw[j] * inv;
+    counts[j] -= q >= tau ? 1 : 0;
+    first[j] -= q == top ? 1 : 0;
+  }
+  return false;
 }
 
 }  // namespace detail

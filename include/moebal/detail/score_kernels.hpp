@@ -180,8 +180,8 @@ MOEBAL_ALWAYS_INLINE C max_of_lanes(const RowBlock<C>& m) {
 /// Computes raw_j for one row of n logits into raw[0..n) (any address; it may be the row of
 /// the caller's output buffer, even the logits' own row: each block is read before it is
 /// written) and the row's normalizer. Returns false if the row is not a valid input: a NaN or
-/// +Inf logit, or (softmax) every logit -Inf. The sum over the row is the 8-lane sum of
-/// `lane_sum` (the same rounding).
+/// +Inf logit, or (softmax) every logit -Inf. The sum over the row has a fixed order that
+/// depends on n alone (below).
 /// `block(r)` is called with each full block of kExpBlock raw values as it is computed (in row
 /// order; the blocks of 8 and the padded tail that follow when n is not a multiple of
 /// kExpBlock are not passed): a fused kernel's hook (detail/row_kernels.hpp).
@@ -200,26 +200,48 @@ bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>&
   constexpr C minus_inf = -std::numeric_limits<C>::infinity();
   C max = C(0);
   {
-    // First pass, in 8-blocks: the maximum.
-    const Index full8 = n - n % kRowBlock, rest8 = n - full8;
-    RowBlock<C> m = RowBlock<C>::Constant(minus_inf);
-    for (Index j = 0; j < full8; j += kRowBlock) {
-      m = m.max(load_block<C>(x + j));
+    // First pass: the maximum (exact in any order), in two wide accumulators while pairs of
+    // wide blocks fit, then in 8-blocks.
+    Block wa = Block::Constant(minus_inf), wb = wa;
+    Index j = 0;
+    for (; j + 2 * kExpBlock <= n; j += 2 * kExpBlock) {
+      wa = wa.max(load_block<C, kExpBlock>(x + j));
+      wb = wb.max(load_block<C, kExpBlock>(x + j + kExpBlock));
     }
-    if (rest8 > 0) m = m.max(load_partial<C>(x + full8, rest8, minus_inf));
+    wa = wa.max(wb);
+    RowBlock<C> m = RowBlock<C>::Constant(minus_inf);
+    for (Index h = 0; h < kExpBlock; h += kRowBlock) m = m.max(wa.template segment<kRowBlock>(h));
+    for (; j + kRowBlock <= n; j += kRowBlock) m = m.max(load_block<C>(x + j));
+    if (j < n) m = m.max(load_partial<C>(x + j, n - j, minus_inf));
     // (A fixed tree rather than maxCoeff(), which GCC leaves as a call.)
     max = max_of_lanes(m);
   }
   // Second pass: blocks of kExpBlock while they fit, then blocks of 8, the last one padded
-  // (a function of n alone, so every pass computes each element the same way).
-  RowBlock<C> lanes = RowBlock<C>::Zero();
+  // (a function of n alone, so every pass computes each element the same way). The sum: the
+  // wide blocks alternate between two wide accumulators (even and odd blocks), which are added
+  // and folded into 8 lanes; the 8-blocks add to those lanes; then a fixed tree.
+  Block sa = Block::Zero(), sb = Block::Zero();
   Index j = 0;
-  for (; j + kExpBlock <= n; j += kExpBlock) {
+  for (; j + 2 * kExpBlock <= n; j += 2 * kExpBlock) {
+    const Block r0 = raw_block<C>(load_block<C, kExpBlock>(x + j), max, score);
+    const Block r1 = raw_block<C>(load_block<C, kExpBlock>(x + j + kExpBlock), max, score);
+    sa += r0;
+    sb += r1;
+    Out(raw + j) = r0;
+    Out(raw + j + kExpBlock) = r1;
+    block(r0);
+    block(r1);
+  }
+  if (j + kExpBlock <= n) {
     const Block r = raw_block<C>(load_block<C, kExpBlock>(x + j), max, score);
-    for (Index h = 0; h < kExpBlock; h += kRowBlock) lanes += r.template segment<kRowBlock>(h);
+    sa += r;
     Out(raw + j) = r;
     block(r);
+    j += kExpBlock;
   }
+  sa += sb;
+  RowBlock<C> lanes = sa.template segment<kRowBlock>(0);
+  for (Index h = kRowBlock; h < kExpBlock; h += kRowBlock) lanes += sa.template segment<kRowBlock>(h);
   for (; j + kRowBlock <= n; j += kRowBlock) {
     const RowBlock<C> r = raw_block<C>(load_block<C>(x + j), max, score);
     lanes += r;

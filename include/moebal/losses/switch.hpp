@@ -320,11 +320,12 @@ class SwitchAuxLoss {
   // Per-thread scratch: one row's values and one chunk's partial sums. O(N) per thread.
   struct Lane {
     detail::ScratchArray<Compute> raw;           // N, one row's raw scores (aligned)
+    detail::ScratchArray<Compute> raw2;          // N, the next row's (phase 1 alternates)
     detail::RowReader<Scalar, Compute> reader;   // one row converted (half-precision input)
     detail::ScratchArray<Compute> scores;        // N, one row's scores
     Eigen::ArrayXd chunk_sums;                   // N, one chunk's score sums
-    detail::ScratchArray<Compute> chunk_counts;  // N, one chunk's top-k counts
-    detail::ScratchArray<Compute> chunk_first;   // N, one chunk's first-choice counts
+    Eigen::Array<std::int32_t, Eigen::Dynamic, 1> chunk_counts;  // N, one chunk's top-k counts
+    Eigen::Array<std::int32_t, Eigen::Dynamic, 1> chunk_first;   // N, one chunk's first choices
     double chunk_tokens = 0.0;                   // real tokens of the chunk
     Eigen::ArrayXd thread_counts;                // N, this thread's top-k counts (exact)
     Eigen::ArrayXd thread_first;                 // N, this thread's first-choice counts
@@ -337,6 +338,7 @@ class SwitchAuxLoss {
   void ensure_lanes(int threads) {
     detail::ensure_lanes(lanes_, threads, [&](Lane& lane) {
       lane.raw.resize(num_experts_);
+      lane.raw2.resize(num_experts_);
       lane.reader.resize(num_experts_);
       lane.scores.resize(num_experts_);
       lane.chunk_sums.resize(num_experts_);
@@ -469,23 +471,67 @@ class SwitchAuxLoss {
     lane.chunk_counts.setZero();
     lane.chunk_first.setZero();
     lane.chunk_tokens = 0.0;
-    const bool fused = detail::fused_row_kernel(n);
-    for (Index t = begin; t < end; ++t) {
-      detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-      if (!mask.is_real(t)) {
-        norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
-        continue;
+    double* cs = lane.chunk_sums.data();
+    std::int32_t* cc = lane.chunk_counts.data();
+    std::int32_t* cf = lane.chunk_first.data();
+    if constexpr (K == 0) {
+      // k above the threshold method's range: the exact method on every row.
+      for (Index t = begin; t < end; ++t) {
+        detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+        if (!mask.is_real(t)) {
+          norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
+          continue;
+        }
+        const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
+        Compute* raw = raw_out != nullptr ? raw_out->data() + t * raw_out->outerStride()
+                                          : lane.raw.data();
+        if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
+          detail::throw_invalid_row(function, row, n, t, options_.score);
+        }
+        Compute* q = lane.scores.data();
+        for (Index j = 0; j < n; ++j) {
+          q[j] = raw[j] * norm.inv;
+          cs[j] += static_cast<double>(q[j]);
+        }
+        count_exact(lane, q);
+        lane.chunk_tokens += 1.0;
       }
-      const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
-      // The raw scores go straight into the output row when it carries them to phase 2.
-      Compute* raw = raw_out != nullptr ? raw_out->data() + t * raw_out->outerStride()
-                                        : lane.raw.data();
-      double* cs = lane.chunk_sums.data();
-      Compute* cc = lane.chunk_counts.data();
-      Compute* cf = lane.chunk_first.data();
-      Compute* q = lane.scores.data();
-      bool counted = false, have_q = false;
-      if constexpr (K > 0) {
+      return;
+    } else {
+      // Each real row: its scores and the threshold search (tau, the k-th largest score, and
+      // top, the largest), then the statistics. The statistics of a row are taken after the
+      // scores of the next real row, so that the two rows' dependency chains (the maximum, the
+      // exponentials, the sum, its reciprocal, the comparisons) overlap; the raw scores of the
+      // row that waits stay in its output row or in one of two scratch rows.
+      const bool fused = detail::fused_row_kernel(n);
+      Index pending = -1;  // the real row whose statistics are not taken yet
+      Compute pending_tau = Compute(0), pending_top = Compute(0);
+      const Compute* pending_raw = nullptr;
+      int slot = 0;
+      const auto finish = [&](Index t, const Compute* raw, Compute tau, Compute top) {
+        const Compute inv = norms_[static_cast<std::size_t>(t)].inv;
+        // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
+        // the selection is {j : q_j >= tau} and the first choice the maximum: counted in the
+        // same pass as the score sums (exact int32 counts: a chunk counts at most 512); on
+        // the rare tie, the exact method on the scores, ties to the lower expert index.
+        if (!detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cf, cs)) {
+          Compute* q = lane.scores.data();
+          for (Index j = 0; j < n; ++j) q[j] = raw[j] * inv;
+          count_exact(lane, q);
+        }
+        lane.chunk_tokens += 1.0;
+      };
+      for (Index t = begin; t < end; ++t) {
+        detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+        if (!mask.is_real(t)) {
+          norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
+          continue;
+        }
+        const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
+        // The raw scores go straight into the output row when it carries them to phase 2.
+        Compute* raw = raw_out != nullptr ? raw_out->data() + t * raw_out->outerStride()
+                                          : (slot == 0 ? lane.raw.data() : lane.raw2.data());
+        slot ^= 1;
         Compute tau = Compute(0), top = Compute(0);
         if (fused) {
           // Scores and the top-k search in one pass over the row (detail/row_kernels.hpp).
@@ -496,56 +542,25 @@ class SwitchAuxLoss {
           if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
             detail::throw_invalid_row(function, row, n, t, options_.score);
           }
+          Compute* q = lane.scores.data();
           for (Index j = 0; j < n; ++j) q[j] = raw[j] * norm.inv;
           detail::topk_threshold_search<K>(q, n, k_, tau, top);
         }
-        // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
-        // the selection is {j : q_j >= tau} and the first choice the maximum: counted with
-        // vector adds in the same pass as the score sums (exact: a chunk counts at most 512),
-        // and taken back on the rare tie. (Integer totals: the compiler may keep them in
-        // vector lanes.)
-        const Compute inv = norm.inv;
-        std::int32_t selected = 0, at_top = 0;
-        for (Index j = 0; j < n; ++j) {
-          const Compute qj = raw[j] * inv;
-          const bool in_topk = qj >= tau, is_top = qj == top;
-          cc[j] += in_topk ? Compute(1) : Compute(0);
-          cf[j] += is_top ? Compute(1) : Compute(0);
-          selected += in_topk ? 1 : 0;
-          at_top += is_top ? 1 : 0;
-          cs[j] += static_cast<double>(qj);
-        }
-        counted = selected == k_ && at_top == 1;
-        if (!counted) {
-          for (Index j = 0; j < n; ++j) {
-            const Compute qj = raw[j] * inv;
-            cc[j] -= qj >= tau ? Compute(1) : Compute(0);
-            cf[j] -= qj == top ? Compute(1) : Compute(0);
-          }
-        }
-      } else {
-        if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
-          detail::throw_invalid_row(function, row, n, t, options_.score);
-        }
-        for (Index j = 0; j < n; ++j) {
-          q[j] = raw[j] * norm.inv;
-          cs[j] += static_cast<double>(q[j]);
-        }
-        have_q = true;
+        if (pending >= 0) finish(pending, pending_raw, pending_tau, pending_top);
+        pending = t;
+        pending_raw = raw;
+        pending_tau = tau;
+        pending_top = top;
       }
-      if (!counted && !have_q) {
-        for (Index j = 0; j < n; ++j) q[j] = raw[j] * norm.inv;
-      }
-      if (!counted) {
-        // Ties around the top k (or k above the threshold method's range): the exact method on
-        // the scores, ties to the lower expert index.
-        detail::topk_row_exact(static_cast<const Compute*>(q), n, k_, lane.selected.data(),
-                               lane.topk);
-        for (Index s = 0; s < k_; ++s) cc[lane.selected[std::size_t(s)]] += Compute(1);
-        cf[lane.selected[0]] += Compute(1);
-      }
-      lane.chunk_tokens += 1.0;
+      if (pending >= 0) finish(pending, pending_raw, pending_tau, pending_top);
     }
+  }
+
+  // The exact top-k of one row's scores q into the lane's chunk counts.
+  void count_exact(Lane& lane, const Compute* q) {
+    detail::topk_row_exact(q, num_experts_, k_, lane.selected.data(), lane.topk);
+    for (Index s = 0; s < k_; ++s) lane.chunk_counts[lane.selected[std::size_t(s)]] += 1;
+    lane.chunk_first[lane.selected[0]] += 1;
   }
 
   // log sum_j exp(x_tj) from a softmax row's normalizer.
