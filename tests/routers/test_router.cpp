@@ -71,6 +71,60 @@ TEST_CASE("route: every option's gradient matches central differences", "[router
   }
 }
 
+TEST_CASE("route_backward: repeated indices in a row follow the chain rule", "[router][grad]") {
+  // route_backward takes the caller's indices; an expert named in two slots of a row gets the
+  // sum of both slots' derivatives. Softmax of the selected logits: u_ti = exp(z_t,e_ti) /
+  // sum_l exp(z_t,e_tl) over the k slots, repeated experts included (written out here).
+  const RowMatrix<double> x = random_logits(5, 6, 1.0, 31);
+  const RowMatrix<double> G = random_logits(5, 3, 1.0, 32);
+  IndexMatrix idx(5, 3);
+  idx << 0, 0, 1,  //
+      2, 5, 2,     //
+      3, 3, 3,     //
+      4, 1, 0,     //
+      5, 4, 5;
+  for (const auto weights : {RouterWeights::softmax_of_selected, RouterWeights::scores}) {
+    RouterOptions o;
+    o.weights = weights;
+    o.select_on_logits = weights == RouterWeights::softmax_of_selected;
+    auto f = [&](const RowMatrix<double>& z) {
+      double sum = 0.0;
+      for (Index t = 0; t < z.rows(); ++t) {
+        double norm = 0.0;
+        for (Index i = 0; i < 3; ++i) norm += std::exp(z(t, idx(t, i)));
+        const double all = z.row(t).array().exp().sum();
+        for (Index i = 0; i < 3; ++i) {
+          const double e = std::exp(z(t, idx(t, i)));
+          sum += G(t, i) * (weights == RouterWeights::softmax_of_selected ? e / norm : e / all);
+        }
+      }
+      return sum;
+    };
+    const RowMatrix<double> g = moebal::route_backward(x, idx, G, o);
+    const auto report = moebal::testing::gradcheck(f, x, g);
+    INFO("weights " << int(weights) << ": " << report.message());
+    CHECK(report.passed);
+    // The same through Router<float> (float output rows) and into bfloat16 output rows.
+    moebal::Router<float> router(6, 3, o);
+    RowMatrix<float> gf(5, 6);
+    router.backward(x.cast<float>(), idx, G.cast<float>(), gf);
+    CHECK_THAT(moebal_test::as_double(gf), IsCloseTo(g, 1e-6, 1e-5));
+    moebal::Router<Eigen::bfloat16> router_bf16(6, 3, o);
+    RowMatrix<Eigen::bfloat16> gb(5, 6);
+    router_bf16.backward(x.cast<Eigen::bfloat16>(), idx, G.cast<float>(), gb);
+    const RowMatrix<float> gbf = x.cast<Eigen::bfloat16>().cast<float>();  // the rounded logits
+    moebal::Router<float> router_ref(6, 3, o);
+    RowMatrix<float> gref(5, 6);
+    router_ref.backward(gbf, idx, G.cast<float>(), gref);
+    for (Index t = 0; t < 5; ++t) {
+      for (Index j = 0; j < 6; ++j) {
+        // One rounding of the float result to bfloat16.
+        CHECK(float(gb(t, j)) == float(Eigen::bfloat16(gref(t, j))));
+      }
+    }
+  }
+}
+
 TEST_CASE("route: invariants", "[router]") {
   const RowMatrix<double> x = random_logits(50, 16, 2.0, 13);
 

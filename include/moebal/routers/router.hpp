@@ -319,7 +319,7 @@ class Router {
   // Per-thread scratch for one row. O(N) per thread. Cache-line aligned so that one thread's
   // per-row writes (sum, norm) never share a line with another thread's lane.
   struct alignas(64) Lane {
-    detail::ScratchArray<Compute> s, v, u, raw, g, drow, group_scores;
+    detail::ScratchArray<Compute> s, v, u, raw, gk, g, group_scores;
     detail::RowReader<Scalar, Compute> reader;  // one row converted (half-precision input)
     std::vector<Index> group_order;             // G
     std::vector<Compute> group_values;          // N
@@ -336,8 +336,8 @@ class Router {
       lane.v.resize(n_);
       lane.u.resize(k_);
       lane.raw.resize(k_);
+      lane.gk.resize(k_);
       lane.g.resize(n_);
-      lane.drow.resize(n_);
       lane.group_scores.resize(options_.num_groups);
       lane.reader.resize(n_);
       lane.group_order.resize(static_cast<std::size_t>(options_.num_groups));
@@ -556,24 +556,36 @@ class Router {
       for (Index i = 0; i < k_; ++i) gu += dw(t, i) * raw[i];
       gu /= denominator;
     }
-    g.setZero();
     Out* dx = out.data() + t * out.outerStride();
+    if (options_.weights == RouterWeights::softmax_of_selected) {
+      // d L / d u_i per slot i, then through p = raw = softmax(x[selected]):
+      // d L / d x_e = sum over the slots i of expert e of p_i (g_i - sum_l g_l p_l); the
+      // experts not selected get 0. For float/double outputs, added straight into the output
+      // row (no N-wide scratch); for half-precision outputs, summed in the compute type first
+      // and rounded once per element.
+      auto& gk = lane.gk;
+      Compute gp = Compute(0);
+      for (Index i = 0; i < k_; ++i) {
+        gk[i] = scaling * (dw(t, i) - gu) / denominator;
+        gp += gk[i] * raw[i];
+      }
+      if constexpr (std::is_same_v<Out, Compute>) {
+        if constexpr (!Accumulate) std::fill(dx, dx + n_, Out(0));
+        for (Index i = 0; i < k_; ++i) {
+          dx[selected[std::size_t(i)]] += scale * raw[i] * (gk[i] - gp);
+        }
+      } else {
+        g.setZero();
+        for (Index i = 0; i < k_; ++i) {
+          g[selected[std::size_t(i)]] += scale * raw[i] * (gk[i] - gp);
+        }
+        for (Index j = 0; j < n_; ++j) detail::store<Accumulate>(dx[j], g[j]);
+      }
+      return;
+    }
+    g.setZero();
     for (Index i = 0; i < k_; ++i) {
       g[selected[std::size_t(i)]] += scaling * (dw(t, i) - gu) / denominator;
-    }
-    if (options_.weights == RouterWeights::softmax_of_selected) {
-      // raw = p = softmax(x[selected]): d L / d x_sel = p (g - sum g p).
-      Compute gp = Compute(0);
-      for (Index i = 0; i < k_; ++i) gp += g[selected[std::size_t(i)]] * raw[i];
-      // Finished in Compute (drow), then stored once.
-      auto& drow = lane.drow;
-      drow.setZero();
-      for (Index i = 0; i < k_; ++i) {
-        const Index e = selected[std::size_t(i)];
-        drow[e] += scale * raw[i] * (g[e] - gp);
-      }
-      for (Index j = 0; j < n_; ++j) detail::store<Accumulate>(dx[j], drow[j]);
-      return;
     }
     if (options_.score == RouterScore::softmax) {
       const Compute gs = detail::lane_dot(g.data(), s.data(), n_);
