@@ -11,7 +11,9 @@
 // Each loss is a custom autograd node (torch::autograd::Function): its forward runs moebal once,
 // which returns the value and the analytic gradient together; the node keeps the gradient
 // (float32 for half-precision logits, the logits' dtype otherwise) and its backward multiplies
-// it by the incoming gradient and rounds it once to the logits' dtype. No autodiff runs through
+// it by the incoming gradient and rounds it once to the logits' dtype (when the incoming
+// gradient is exactly 1 and no rounding is needed, it returns the kept gradient itself, which
+// PyTorch can then take without a copy). No autodiff runs through
 // moebal's internals. Bad input raises ValueError with moebal's message (pybind11 maps
 // std::invalid_argument, and so moebal::invalid_argument, to ValueError).
 
@@ -121,8 +123,17 @@ struct AnalyticLoss : torch::autograd::Function<AnalyticLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const at::Tensor grad = ctx->get_saved_variables()[0];
+    at::Tensor grad = ctx->get_saved_variables()[0];
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    if (grad.scalar_type() == dtype && grad_outputs[0].numel() == 1 &&
+        grad_outputs[0].item<double>() == 1.0) {
+      // The usual case (the loss added to the task loss): grad_output is exactly 1, and the
+      // kept gradient is the result as it is. Returned without a copy: once the engine frees
+      // this node's saved tensors (backward without retain_graph), nothing else holds it, so
+      // PyTorch can take it as logits.grad (or add into it) instead of allocating; with
+      // retain_graph, PyTorch copies it as for any shared tensor.
+      return {grad, at::Tensor()};
+    }
     const at::Tensor upstream = grad_outputs[0].to(grad.scalar_type());
     return {(grad * upstream).to(dtype), at::Tensor()};
   }

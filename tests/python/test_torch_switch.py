@@ -154,6 +154,42 @@ class SwitchAuxLossTest(unittest.TestCase):
         (mt.switch_aux_loss(x, 2) + mt.switch_aux_loss(x, 2)).backward()
         R.assert_close_scaled(self, x.grad, 2 * ar.grad, 1e-10, "used twice")
 
+    def test_kept_gradient_is_never_shared(self):
+        # With grad_output exactly 1, backward hands PyTorch the kept gradient itself: it must
+        # never alias logits.grad while the graph can still be run again, nor be changed by
+        # what the caller does to logits.grad afterwards.
+        for dtype in (torch.float32, torch.float64):
+            x = R.margin_logits((40, 8), 2, dtype, seed=39)
+            xr = x.clone().requires_grad_(True)
+            R.switch_aux_loss(xr, 2).backward()
+            expected = xr.grad
+            tol = 1e-10 if dtype == torch.float64 else 1e-5
+            with self.subTest(dtype=dtype, what="retain_graph"):
+                xm = x.clone().requires_grad_(True)
+                value = mt.switch_aux_loss(xm, 2)
+                value.backward(retain_graph=True)
+                R.assert_close_scaled(self, xm.grad, expected, tol, "first backward")
+                xm.grad.mul_(10.0)  # the caller's in-place change to logits.grad
+                value.backward(retain_graph=True)
+                R.assert_close_scaled(self, xm.grad, 11 * expected, tol, "second backward")
+                xm.grad = None
+                value.backward()
+                R.assert_close_scaled(self, xm.grad, expected, tol, "third backward")
+            with self.subTest(dtype=dtype, what="grad accumulation over steps"):
+                xm = x.clone().requires_grad_(True)
+                for step in range(3):
+                    mt.switch_aux_loss(xm, 2).backward()
+                    R.assert_close_scaled(self, xm.grad, (step + 1) * expected, tol,
+                                          "after step %d" % step)
+                xm.grad.zero_()
+                mt.switch_aux_loss(xm, 2).backward()
+                R.assert_close_scaled(self, xm.grad, expected, tol, "after zero_")
+            with self.subTest(dtype=dtype, what="non-leaf logits"):
+                h = x.clone().requires_grad_(True)
+                mid = h * 1.0
+                (mt.switch_aux_loss(mid, 2) + (mid * 0.0).sum()).backward()
+                R.assert_close_scaled(self, h.grad, expected, tol, "through a multiply")
+
     def test_under_no_grad(self):
         x = R.margin_logits((16, 8), 2, torch.float32, seed=38).requires_grad_(True)
         with torch.no_grad():
