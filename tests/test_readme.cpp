@@ -34,6 +34,7 @@ TEST_CASE("README: the usage snippets compile and agree", "[readme]") {
   cout << r.stats.tokens_per_expert.transpose() << "\n" << r.stats.f.transpose() << "\n";
   // --- end ---
 
+  CHECK(total_loss == r.loss);
   CHECK(r.stats.tokens == 4);
   CHECK(r.stats.tokens_per_expert.sum() == 8);
   CHECK(router_grad.bottomRows(2).isZero(0));

@@ -123,3 +123,34 @@ TEST_CASE("topk_indices: bad input", "[topk][errors]") {
                     "column 3");
   CHECK_THROWS_AS(moebal::topk_indices(RowMatrix<double>(0, 4), 1), moebal::invalid_argument);
 }
+
+TEMPLATE_TEST_CASE("topk_indices: equal values inside the top k and -Inf keep the exact order",
+                   "[topk]", float, double) {
+  // Rows whose k-th value is unique but with equal values above it: the threshold path
+  // accepts them (exactly k values >= tau, one maximum) and must still list equal values by
+  // increasing index; -Inf entries (disabled experts) are selected only when k needs them.
+  using T = TestType;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  for (const Index n : {Index(16), Index(64), Index(48), Index(20)}) {
+    std::mt19937 engine(static_cast<unsigned>(n));
+    std::uniform_int_distribution<Index> column(0, n - 1);
+    RowMatrix<T> q = RowMatrix<T>::Constant(40, n, T(-1));
+    for (Index t = 0; t < q.rows(); ++t) {
+      q(t, column(engine)) = T(9);  // the unique maximum
+      for (int r = 0; r < 3; ++r) q(t, column(engine)) = T(4);  // equal values below it
+      q(t, column(engine)) = T(2);
+      if (t % 4 == 0) q.row(t).tail(n / 2).setConstant(-inf);
+    }
+    q(1, 0) = -inf;
+    for (const Index k : {Index(2), Index(3), Index(4), Index(5), n}) {
+      const IndexMatrix top = moebal::topk_indices(q, k);
+      for (Index t = 0; t < q.rows(); ++t) {
+        const std::vector<Index> expected = reference_topk(q, t, k);
+        for (Index s = 0; s < k; ++s) {
+          INFO("n = " << n << ", k = " << k << ", row " << t << ", slot " << s);
+          CHECK(top(t, s) == expected[static_cast<std::size_t>(s)]);
+        }
+      }
+    }
+  }
+}

@@ -11,6 +11,7 @@
 //   insertion for k <= 16, a partial sort of an index array above.
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -279,6 +280,60 @@ MOEBAL_ALWAYS_INLINE void topk_threshold_search(const C* q, Index n, Index k, C&
   tau = sorted[k - 1];
 }
 
+/// The threshold method's search, keeping the K largest values of q[0..n) sorted (with
+/// multiplicity; -Inf past n) in sorted[0..K).
+template <Index K, class C>
+MOEBAL_ALWAYS_INLINE void topk_sorted_values(const C* q, Index n, C (&sorted)[K]) {
+  using Lists = LaneTopk<K, C>;
+  using Ops = typename Lists::Ops;
+  constexpr Index lanes = Lists::kLanes;
+  Lists lists;
+  Index j = 0;
+  Index depth = 0;
+  for (; j + lanes <= n; j += lanes) {
+    lists.insert(Ops::load(q + j), depth);
+    depth += depth < K ? 1 : 0;
+  }
+  if (j < n) {
+    C tail[lanes];
+    for (Index l = 0; l < lanes; ++l) tail[l] = j + l < n ? q[j + l] : Lists::lowest;
+    lists.insert(Ops::load(tail), depth);
+  }
+  lists.merged(sorted);
+}
+
+#if MOEBAL_HAS_SHUFFLEVECTOR
+/// Vector lanes for `topk_row`'s verification and index search: one register of C and the
+/// integers of C's width that its comparisons give (-1 true, 0 false).
+template <class C>
+struct IndexLanes {
+  static constexpr int kLanes = static_cast<int>(kTopkLanes<C>);
+  using Int = std::conditional_t<sizeof(C) == 4, std::int32_t, std::int64_t>;
+  typedef C V __attribute__((vector_size(sizeof(C) * kLanes)));
+  typedef Int I __attribute__((vector_size(sizeof(C) * kLanes)));
+  static MOEBAL_ALWAYS_INLINE V load(const C* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static MOEBAL_ALWAYS_INLINE I iota() {
+    I v;
+    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<Int>(l);
+    return v;
+  }
+  static MOEBAL_ALWAYS_INLINE Int sum(I v) {
+    Int total = 0;
+    for (int l = 0; l < kLanes; ++l) total += v[l];
+    return total;
+  }
+  static MOEBAL_ALWAYS_INLINE Int min(I v) {
+    Int m = v[0];
+    for (int l = 1; l < kLanes; ++l) m = v[l] < m ? v[l] : m;
+    return m;
+  }
+};
+#endif
+
 /// The threshold method with its verification: see `topk_threshold`.
 template <Index K, class C>
 bool topk_threshold_fixed(const C* q, Index n, Index k, C& tau, C& top) {
@@ -349,6 +404,47 @@ void topk_row(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch)
     topk_row_exact(q, n, k, out, scratch);
     return;
   }
+#if MOEBAL_HAS_SHUFFLEVECTOR
+  using Lanes = IndexLanes<C>;
+  constexpr Index L = Lanes::kLanes;
+  if (n % L == 0) {
+    // The k largest values, sorted, from the lane lists; exactly k values >= tau and one equal
+    // to the maximum (counted with vector compares) make them the top-k without a tie at the
+    // boundary. Each is then found by value: the lowest index holding it (after the previous
+    // slot's index when two selected values are equal), as a vector minimum over the row.
+    const bool done = with_topk_depth(k, [&](auto depth) {
+      constexpr Index K = decltype(depth)::value;
+      C sorted[K];
+      topk_sorted_values<K>(q, n, sorted);
+      const C tau = sorted[k - 1], top = sorted[0];
+      typename Lanes::I selected = {}, at_top = {};
+      for (Index j = 0; j < n; j += L) {
+        const typename Lanes::V v = Lanes::load(q + j);
+        selected -= v >= tau;
+        at_top -= v == top;
+      }
+      if (Lanes::sum(selected) != k || Lanes::sum(at_top) != 1) return false;
+      const typename Lanes::I iota = Lanes::iota();
+      const typename Lanes::Int none = static_cast<typename Lanes::Int>(n);
+      for (Index i = 0; i < k; ++i) {
+        const C value = sorted[i];
+        const typename Lanes::Int after =
+            i > 0 && sorted[i - 1] == value ? static_cast<typename Lanes::Int>(out[i - 1]) : -1;
+        typename Lanes::I best = iota * 0 + none;
+        for (Index j = 0; j < n; j += L) {
+          const typename Lanes::I index = iota + static_cast<typename Lanes::Int>(j);
+          const typename Lanes::I hit = (Lanes::load(q + j) == value) & (index > after);
+          const typename Lanes::I candidate = (index & hit) | (none & ~hit);
+          best = candidate < best ? candidate : best;
+        }
+        out[i] = static_cast<Index>(Lanes::min(best));
+      }
+      return true;
+    });
+    if (!done) topk_row_exact(q, n, k, out, scratch);
+    return;
+  }
+#endif
   C tau = C(0), top = C(0);
   with_topk_depth(k, [&](auto depth) {
     topk_threshold_search<decltype(depth)::value>(q, n, k, tau, top);
