@@ -30,8 +30,8 @@ inline bool fused_row_kernel(Index n) { return n > 0 && n % kExpBlock == 0; }
 /// that test). n must satisfy `fused_row_kernel(n)`. Returns false for an invalid row (as
 /// `raw_scores_to`).
 template <Index K, class S, class C>
-MOEBAL_ALWAYS_INLINE bool raw_scores_topk(const S* x, Index n, Index k, ScoreFunction score, C* raw, RowNorm<C>& norm,
-                     C& tau, C& top) {
+MOEBAL_ALWAYS_INLINE bool raw_scores_topk(const S* x, Index n, Index k, ScoreFunction score,
+                                          C* raw, RowNorm<C>& norm, C& tau, C& top) {
   using Lists = LaneTopk<K, C>;
   using Ops = typename Lists::Ops;
   constexpr Index lanes = Lists::kLanes;

@@ -241,7 +241,9 @@ bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>&
   }
   sa += sb;
   RowBlock<C> lanes = sa.template segment<kRowBlock>(0);
-  for (Index h = kRowBlock; h < kExpBlock; h += kRowBlock) lanes += sa.template segment<kRowBlock>(h);
+  for (Index h = kRowBlock; h < kExpBlock; h += kRowBlock) {
+    lanes += sa.template segment<kRowBlock>(h);
+  }
   for (; j + kRowBlock <= n; j += kRowBlock) {
     const RowBlock<C> r = raw_block<C>(load_block<C>(x + j), max, score);
     lanes += r;
