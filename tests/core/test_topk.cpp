@@ -26,6 +26,19 @@ std::vector<Index> reference_topk(const RowMatrix<T>& q, Index row, Index k) {
   return order;
 }
 
+// Every row of topk_indices(q, k) against the reference, slot by slot.
+template <class T>
+void check_topk_rows(const RowMatrix<T>& q, Index k) {
+  const IndexMatrix top = moebal::topk_indices(q, k);
+  for (Index t = 0; t < q.rows(); ++t) {
+    const std::vector<Index> expected = reference_topk(q, t, k);
+    for (Index s = 0; s < k; ++s) {
+      INFO("n = " << q.cols() << ", k = " << k << ", row " << t << ", slot " << s);
+      CHECK(top(t, s) == expected[static_cast<std::size_t>(s)]);
+    }
+  }
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("topk_indices: ties go to the lower expert index", "[topk]", float, double) {
@@ -54,16 +67,7 @@ TEMPLATE_TEST_CASE("topk_indices: matches a stable sort for small and large k", 
     RowMatrix<T> q(20, n);
     for (Index i = 0; i < q.size(); ++i) q.data()[i] = T(level(engine));
     // k above 16 exercises the partial-sort path; below, the insertion path.
-    for (Index k = 1; k <= n; k += (n > 8 ? 3 : 1)) {
-      const IndexMatrix top = moebal::topk_indices(q, k);
-      for (Index t = 0; t < q.rows(); ++t) {
-        const std::vector<Index> expected = reference_topk(q, t, k);
-        for (Index s = 0; s < k; ++s) {
-          INFO("n = " << n << ", k = " << k << ", row " << t << ", slot " << s);
-          CHECK(top(t, s) == expected[static_cast<std::size_t>(s)]);
-        }
-      }
-    }
+    for (Index k = 1; k <= n; k += (n > 8 ? 3 : 1)) check_topk_rows(q, k);
   }
 }
 
@@ -142,15 +146,6 @@ TEMPLATE_TEST_CASE("topk_indices: equal values inside the top k and -Inf keep th
       if (t % 4 == 0) q.row(t).tail(n / 2).setConstant(-inf);
     }
     q(1, 0) = -inf;
-    for (const Index k : {Index(2), Index(3), Index(4), Index(5), n}) {
-      const IndexMatrix top = moebal::topk_indices(q, k);
-      for (Index t = 0; t < q.rows(); ++t) {
-        const std::vector<Index> expected = reference_topk(q, t, k);
-        for (Index s = 0; s < k; ++s) {
-          INFO("n = " << n << ", k = " << k << ", row " << t << ", slot " << s);
-          CHECK(top(t, s) == expected[static_cast<std::size_t>(s)]);
-        }
-      }
-    }
+    for (const Index k : {Index(2), Index(3), Index(4), Index(5), n}) check_topk_rows(q, k);
   }
 }

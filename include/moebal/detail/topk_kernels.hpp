@@ -255,10 +255,10 @@ struct LaneTopk {
   Block best[K];
 };
 
-/// The threshold method's search: writes tau, the k-th largest value of q[0..n) counted with
-/// multiplicity (k <= K), and top, the largest. No verification (see `topk_threshold`).
+/// The threshold method's search, keeping the K largest values of q[0..n) sorted (with
+/// multiplicity; -Inf past n) in sorted[0..K).
 template <Index K, class C>
-MOEBAL_ALWAYS_INLINE void topk_threshold_search(const C* q, Index n, Index k, C& tau, C& top) {
+MOEBAL_ALWAYS_INLINE void topk_sorted_values(const C* q, Index n, C (&sorted)[K]) {
   using Lists = LaneTopk<K, C>;
   using Ops = typename Lists::Ops;
   constexpr Index lanes = Lists::kLanes;
@@ -274,32 +274,17 @@ MOEBAL_ALWAYS_INLINE void topk_threshold_search(const C* q, Index n, Index k, C&
     for (Index l = 0; l < lanes; ++l) tail[l] = j + l < n ? q[j + l] : Lists::lowest;
     lists.insert(Ops::load(tail), depth);
   }
-  C sorted[K];
   lists.merged(sorted);
-  top = sorted[0];
-  tau = sorted[k - 1];
 }
 
-/// The threshold method's search, keeping the K largest values of q[0..n) sorted (with
-/// multiplicity; -Inf past n) in sorted[0..K).
+/// The threshold method's search: writes tau, the k-th largest value of q[0..n) counted with
+/// multiplicity (k <= K), and top, the largest. No verification (see `topk_threshold`).
 template <Index K, class C>
-MOEBAL_ALWAYS_INLINE void topk_sorted_values(const C* q, Index n, C (&sorted)[K]) {
-  using Lists = LaneTopk<K, C>;
-  using Ops = typename Lists::Ops;
-  constexpr Index lanes = Lists::kLanes;
-  Lists lists;
-  Index j = 0;
-  Index depth = 0;
-  for (; j + lanes <= n; j += lanes) {
-    lists.insert(Ops::load(q + j), depth);
-    depth += depth < K ? 1 : 0;
-  }
-  if (j < n) {
-    C tail[lanes];
-    for (Index l = 0; l < lanes; ++l) tail[l] = j + l < n ? q[j + l] : Lists::lowest;
-    lists.insert(Ops::load(tail), depth);
-  }
-  lists.merged(sorted);
+MOEBAL_ALWAYS_INLINE void topk_threshold_search(const C* q, Index n, Index k, C& tau, C& top) {
+  C sorted[K];
+  topk_sorted_values<K>(q, n, sorted);
+  top = sorted[0];
+  tau = sorted[k - 1];
 }
 
 #if MOEBAL_HAS_SHUFFLEVECTOR

@@ -474,86 +474,73 @@ class SwitchAuxLoss {
     double* cs = lane.chunk_sums.data();
     std::int32_t* cc = lane.chunk_counts.data();
     std::int32_t* cf = lane.chunk_first.data();
-    if constexpr (K == 0) {
-      // k above the threshold method's range: the exact method on every row.
-      for (Index t = begin; t < end; ++t) {
-        detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-        if (!mask.is_real(t)) {
-          norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
-          continue;
-        }
-        const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
-        Compute* raw = raw_out != nullptr ? raw_out->data() + t * raw_out->outerStride()
-                                          : lane.raw.data();
-        if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
-          detail::throw_invalid_row(function, row, n, t, options_.score);
-        }
-        Compute* q = lane.scores.data();
-        for (Index j = 0; j < n; ++j) {
-          q[j] = raw[j] * norm.inv;
-          cs[j] += static_cast<double>(q[j]);
-        }
-        count_exact(lane, q);
-        lane.chunk_tokens += 1.0;
-      }
-      return;
-    } else {
-      // Each real row: its scores and the threshold search (tau, the k-th largest score, and
-      // top, the largest), then the statistics. The statistics of a row are taken after the
-      // scores of the next real row, so that the two rows' dependency chains (the maximum, the
-      // exponentials, the sum, its reciprocal, the comparisons) overlap; the raw scores of the
-      // row that waits stay in its output row or in one of two scratch rows.
-      const bool fused = detail::fused_row_kernel(n);
-      Index pending = -1;  // the real row whose statistics are not taken yet
-      Compute pending_tau = Compute(0), pending_top = Compute(0);
-      const Compute* pending_raw = nullptr;
-      int slot = 0;
-      const auto finish = [&](Index t, const Compute* raw, Compute tau, Compute top) {
-        const Compute inv = norms_[static_cast<std::size_t>(t)].inv;
+    // Each real row: its scores and (K > 0) the threshold search (tau, the k-th largest score,
+    // and top, the largest), then the statistics. The statistics of a row are taken after the
+    // scores of the next real row, so that the two rows' dependency chains (the maximum, the
+    // exponentials, the sum, its reciprocal, the comparisons) overlap; the raw scores of the
+    // row that waits stay in its output row or in one of two scratch rows.
+    const bool fused = K > 0 && detail::fused_row_kernel(n);
+    Index pending = -1;  // the real row whose statistics are not taken yet
+    Compute pending_tau = Compute(0), pending_top = Compute(0);
+    const Compute* pending_raw = nullptr;
+    int slot = 0;
+    const auto finish = [&](Index t, const Compute* raw, Compute tau, Compute top) {
+      const Compute inv = norms_[static_cast<std::size_t>(t)].inv;
+      lane.chunk_tokens += 1.0;
+      if constexpr (K > 0) {
         // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
         // the selection is {j : q_j >= tau} and the first choice the maximum: counted in the
-        // same pass as the score sums (exact int32 counts: a chunk counts at most 512); on
-        // the rare tie, the exact method on the scores, ties to the lower expert index.
-        if (!detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cf, cs)) {
-          Compute* q = lane.scores.data();
-          for (Index j = 0; j < n; ++j) q[j] = raw[j] * inv;
-          count_exact(lane, q);
-        }
-        lane.chunk_tokens += 1.0;
-      };
-      for (Index t = begin; t < end; ++t) {
-        detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-        if (!mask.is_real(t)) {
-          norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
-          continue;
-        }
-        const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
-        // The raw scores go straight into the output row when it carries them to phase 2.
-        Compute* raw = raw_out != nullptr ? raw_out->data() + t * raw_out->outerStride()
-                                          : (slot == 0 ? lane.raw.data() : lane.raw2.data());
-        slot ^= 1;
-        Compute tau = Compute(0), top = Compute(0);
-        if (fused) {
-          // Scores and the top-k search in one pass over the row (detail/row_kernels.hpp).
+        // same pass as the score sums (exact int32 counts: a chunk counts at most 512).
+        if (detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cf, cs)) return;
+      } else {
+        (void)tau;  // no threshold search
+        (void)top;
+      }
+      // The rare tie (or k above the threshold method's range, where the scores are summed
+      // here): the exact method on the scores, ties to the lower expert index.
+      Compute* q = lane.scores.data();
+      for (Index j = 0; j < n; ++j) q[j] = raw[j] * inv;
+      if constexpr (K == 0) {
+        for (Index j = 0; j < n; ++j) cs[j] += static_cast<double>(q[j]);
+      }
+      count_exact(lane, q);
+    };
+    for (Index t = begin; t < end; ++t) {
+      detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+      if (!mask.is_real(t)) {
+        norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
+        continue;
+      }
+      const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
+      // The raw scores go straight into the output row when it carries them to phase 2.
+      Compute* raw = raw_out != nullptr ? raw_out->data() + t * raw_out->outerStride()
+                                        : (slot == 0 ? lane.raw.data() : lane.raw2.data());
+      slot ^= 1;
+      Compute tau = Compute(0), top = Compute(0);
+      if (fused) {
+        // Scores and the top-k search in one pass over the row (detail/row_kernels.hpp).
+        if constexpr (K > 0) {
           if (!detail::raw_scores_topk<K>(row, n, k_, options_.score, raw, norm, tau, top)) {
             detail::throw_invalid_row(function, row, n, t, options_.score);
           }
-        } else {
-          if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
-            detail::throw_invalid_row(function, row, n, t, options_.score);
-          }
+        }
+      } else {
+        if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
+          detail::throw_invalid_row(function, row, n, t, options_.score);
+        }
+        if constexpr (K > 0) {
           Compute* q = lane.scores.data();
           for (Index j = 0; j < n; ++j) q[j] = raw[j] * norm.inv;
           detail::topk_threshold_search<K>(q, n, k_, tau, top);
         }
-        if (pending >= 0) finish(pending, pending_raw, pending_tau, pending_top);
-        pending = t;
-        pending_raw = raw;
-        pending_tau = tau;
-        pending_top = top;
       }
       if (pending >= 0) finish(pending, pending_raw, pending_tau, pending_top);
+      pending = t;
+      pending_raw = raw;
+      pending_tau = tau;
+      pending_top = top;
     }
+    if (pending >= 0) finish(pending, pending_raw, pending_tau, pending_top);
   }
 
   // The exact top-k of one row's scores q into the lane's chunk counts.
