@@ -21,6 +21,16 @@
 #define MOEBAL_ALWAYS_INLINE inline
 #endif
 
+// Internal: inlines every call inside the row kernels that carry the exponentials. GCC keeps
+// Eigen's vectorized exp of a fixed-size block as an out-of-line call that passes the block
+// through memory (with AVX2 on a Zen 1 core, 335 against 235 ns per row of 64 floats for the
+// Switch forward pass); flattening keeps the whole row in registers.
+#if defined(__GNUC__) || defined(__clang__)
+#define MOEBAL_FLATTEN __attribute__((flatten))
+#else
+#define MOEBAL_FLATTEN
+#endif
+
 // Internal: pointers that do not alias (lets the compiler vectorize a row loop without a
 // run-time overlap check).
 #if defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER)
