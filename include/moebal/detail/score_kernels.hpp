@@ -192,8 +192,8 @@ struct NoBlockHook {
 };
 
 template <class S, class C, class BlockHook = NoBlockHook>
-MOEBAL_FLATTEN bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw, RowNorm<C>& norm,
-                   BlockHook&& block = BlockHook()) {
+MOEBAL_FLATTEN bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw,
+                                  RowNorm<C>& norm, BlockHook&& block = BlockHook()) {
   static_assert(kRowBlock == kReduceLanes, "the row blocks are the reduction's lanes");
   using Block = ExpBlock<C>;
   using Out = Eigen::Map<Block>;
