@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "moebal/losses/combined.hpp"
 #include "moebal/losses/cv2.hpp"
 #include "moebal/testing/gradcheck.hpp"
 #include "support/matchers.hpp"
@@ -127,4 +128,65 @@ TEST_CASE("CV2: bad input", "[loss][cv2][errors]") {
   CHECK_THROWS_WITH(moebal::cv2_load(x, 1, o),
                     "moebal::cv2_load: argument 'mask': expected one element per token (length T "
                     "= 3, logits.rows()), got length 5");
+}
+
+TEST_CASE("CV2: sigmoid scores that underflow to 0 and gradients beyond float raise",
+          "[loss][cv2][errors]") {
+  Cv2Options o;
+  o.score = ScoreFunction::sigmoid;
+  // Every logit below -88.7: float's sigmoid is exactly 0 (as PyTorch's float sigmoid), so
+  // every importance is 0 and the population CV^2 Var / Mean^2 is 0/0.
+  RowMatrix<float> xf(3, 4);
+  for (Index t = 0; t < 3; ++t) xf.row(t) << -95.f, -96.f, -97.f, -98.f;
+  CHECK_THROWS_WITH(moebal::cv2_importance_loss(xf, 2, o),
+                    "moebal::cv2_importance_loss: argument 'logits': expected scores with a "
+                    "positive importance sum for at least one expert (the population CV^2 "
+                    "divides by Mean(I)^2), got every importance 0 over 3 real tokens (sigmoid "
+                    "scores underflow to 0 for logits below about -88 in float, -745 in double)");
+  moebal::Cv2ImportanceLoss<float> object(4, 2, o);
+  CHECK_THROWS_AS(object.forward(xf), moebal::invalid_argument);
+  moebal::CombinedOptions combined;
+  combined.score = ScoreFunction::sigmoid;
+  combined.weights.cv2_importance = 0.1;
+  CHECK_THROWS_AS(moebal::combined_aux_loss(xf, 2, combined), moebal::invalid_argument);
+  // Tutel's unbiased form is defined there: 0 / (0 + 1e-10) = 0.
+  Cv2Options unbiased = o;
+  unbiased.variance = Cv2Variance::unbiased;
+  CHECK(moebal::cv2_importance_loss(xf, 2, unbiased).loss == 0.0f);
+  // Only padding: no real token, the documented 0.
+  const Eigen::VectorXi none = Eigen::VectorXi::Zero(3);
+  Cv2Options masked = o;
+  masked.mask = moebal::TokenMask(none);
+  CHECK(moebal::cv2_importance_loss(xf, 2, masked).loss == 0.0f);
+  // In double the same logits are fine: s_j = e^{x_j} (1 + O(e^-95)) and the normalized scores
+  // q_j = s_j / (sum s + 1e-20) are proportional to e^{-j}, so I ~ (1, e^-1, e^-2, e^-3) and
+  // CV^2 = Var / Mean^2 of that vector.
+  const RowMatrix<double> xd = xf.cast<double>();
+  const double e[4] = {1.0, std::exp(-1.0), std::exp(-2.0), std::exp(-3.0)};
+  const double mean = (e[0] + e[1] + e[2] + e[3]) / 4.0;
+  double var = 0.0;
+  for (const double v : e) var += (v - mean) * (v - mean) / 4.0;
+  CHECK(moebal::cv2_importance_loss(xd, 2, o).loss == Approx(var / (mean * mean)).epsilon(1e-9));
+
+  // A coefficient of 1e39 puts d L / d I beyond float's largest value (|h_1| = 2.5e39 for
+  // I = (3 s, 3 u, 3 u, 3 u), s = e^5 / (e^5 + 3), u = 1 / (e^5 + 3)): the backward pass raises
+  // instead of writing Inf or NaN (even where the product with the scores' Jacobian would be
+  // representable); double computes it.
+  Cv2Options large;
+  large.coefficient = 1e39;
+  RowMatrix<float> skewed = RowMatrix<float>::Zero(3, 4);
+  skewed.col(0).setConstant(5.f);
+  moebal::Cv2ImportanceLoss<float> loss(4, 1, large);
+  loss.forward(skewed);
+  RowMatrix<float> grad(3, 4);
+  CHECK_THROWS_WITH(loss.backward(skewed, grad),
+                    Catch::Matchers::StartsWith(
+                        "moebal::Cv2ImportanceLoss::backward: argument 'options.coefficient': "
+                        "expected coefficients whose gradient d L / d I is finite in the compute "
+                        "type (use double logits or a smaller coefficient), got |d L / d I| up "
+                        "to 2.5"));
+  const auto in_double = moebal::cv2_importance_loss(RowMatrix<double>(skewed.cast<double>()), 1,
+                                                     large);
+  CHECK(in_double.grad.allFinite());
+  CHECK(in_double.grad.cwiseAbs().maxCoeff() > 1e37);
 }

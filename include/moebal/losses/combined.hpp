@@ -289,7 +289,7 @@ class CombinedAuxLoss {
         sums += p.sums.sums.matrix();
         z_sum += p.z;
       }
-      finish(z_sum, 0);
+      finish(function, z_sum, 0);
       return loss();
     }
     // Per-sequence sums only (the batch sums are their totals, added after the pass), with the
@@ -319,12 +319,12 @@ class CombinedAuxLoss {
         sums += seq_sums_.row(s).transpose();
       }
     }
-    finish(z_sum, sequences);
+    finish(function, z_sum, sequences);
     return loss();
   }
 
   // Values and the per-expert gradient vectors from the sums.
-  void finish(double z_sum, Index sequences) {
+  void finish(const char* function, double z_sum, Index sequences) {
     const Index n = rows_.num_experts(), k = rows_.k();
     const CombinedWeights& w = options_.weights;
     const double tokens = statistics_.tokens();
@@ -341,6 +341,9 @@ class CombinedAuxLoss {
     }
     if (w.cv2_importance != 0.0) {
       importance_ = statistics_.score_sums();
+      if (options_.cv2_variance == Cv2Variance::population) {
+        detail::check_positive_importance(function, importance_, tokens);
+      }
       terms_.cv2_importance =
           detail::cv2_and_gradient(importance_, options_.cv2_variance, w.cv2_importance, h_);
       g_batch_ += h_;
@@ -391,6 +394,8 @@ class CombinedAuxLoss {
       return;
     }
     rows_.check_backward(function, x, out, double(scale));
+    detail::check_gradient_representable(function, "options.weights", g_batch_compute_,
+                                         g_batch_);
     const Index n = rows_.num_experts();
     const bool use_z = options_.weights.z != 0.0 && statistics_.tokens() > 0;
     const bool use_seq = options_.weights.sequence != 0.0;

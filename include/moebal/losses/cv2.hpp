@@ -22,7 +22,10 @@
 /// a trainable loss. Train with the importance form (or the Switch loss) instead.
 ///
 /// With a mask, sums run over real tokens; padded rows get zero gradient. With no real token
-/// (Mean = 0) the population forms are 0 with a zero gradient.
+/// (Mean = 0) the population forms are 0 with a zero gradient. Real tokens whose scores all
+/// underflow to 0 (sigmoid, every logit below about -88 in float, -745 in double) make the
+/// population importance CV^2 0/0: `moebal::invalid_argument` (PyTorch's formula gives NaN),
+/// as does a coefficient so large that d L / d I overflows the compute type.
 
 #include <cmath>
 #include <cstdint>
@@ -115,6 +118,37 @@ inline void check_cv2_options(const char* function, Index num_experts, Index k,
   throw_invalid(function, "logits",
                 "rows whose top-k scores have a positive sum (the top-k gates divide by it)",
                 concat("a sum of 0 at row ", t));
+}
+
+/// The population CV^2 Var(I) / Mean(I)^2 is 0/0 when real tokens give every expert an
+/// importance of exactly 0: sigmoid scores that underflow (logits below about -88 in float,
+/// -745 in double; PyTorch's sigmoid underflows at the same points). Raised rather than
+/// returned as 0, which would silently stop the balancing.
+inline void check_positive_importance(const char* function, const Eigen::VectorXd& importance,
+                                      double tokens) {
+  if (tokens > 0 && importance.cwiseAbs().maxCoeff() == 0.0) {
+    throw_invalid(function, "logits",
+                  "scores with a positive importance sum for at least one expert (the "
+                  "population CV^2 divides by Mean(I)^2)",
+                  concat("every importance 0 over ", tokens,
+                         " real tokens (sigmoid scores underflow to 0 for logits below about "
+                         "-88 in float, -745 in double)"));
+  }
+}
+
+/// d L / d I (h, computed in double) must be finite in the compute type C of the backward pass:
+/// float overflows for coefficients near float's range (the gradient itself is then beyond it).
+template <class C>
+inline void check_gradient_representable(const char* function, const char* argument,
+                                         const ScratchArray<C>& h,
+                                         const Eigen::VectorXd& h_double) {
+  if (!h.allFinite()) {
+    throw_invalid(function, argument,
+                  "coefficients whose gradient d L / d I is finite in the compute type "
+                  "(use double logits or a smaller coefficient)",
+                  concat("|d L / d I| up to ", h_double.cwiseAbs().maxCoeff(),
+                         ", beyond the compute type's largest value"));
+  }
 }
 
 /// CV^2 of v and its gradient h = d CV^2 / d v (coefficient included).
@@ -243,6 +277,9 @@ class Cv2ImportanceLoss {
       tokens_ += p.tokens;
       importance_ += p.importance.matrix();
     }
+    if (options_.variance == Cv2Variance::population) {
+      detail::check_positive_importance(function, importance_, double(tokens_));
+    }
     loss_ = detail::cv2_and_gradient(importance_, options_.variance, options_.coefficient, h_);
     h_compute_ = h_.array().template cast<Compute>();
     return loss();
@@ -253,6 +290,7 @@ class Cv2ImportanceLoss {
   void backward_impl(const char* function, const detail::RowInput<Scalar>& x, RowMatrixRef<Out> out,
                      Compute scale) {
     rows_.check_backward(function, x, out, double(scale));
+    detail::check_gradient_representable(function, "options.coefficient", h_compute_, h_);
     const Index n = rows_.num_experts(), k = rows_.k();
     const bool topk = options_.gates == ImportanceGates::topk;
     const Compute* h = h_compute_.data();
