@@ -1261,10 +1261,16 @@ Expect predict(const Case& c, const Facts& f) {
       break;
     case kCv2: {
       // Top-k gates q_i / sum_topk q are undefined, and rejected, where every top-k sigmoid
-      // score of a real row is 0 (a row of -Inf, or logits below the exp underflow bound):
-      // no prediction near that bound.
+      // score of a real row is 0 (a row of -Inf, or logits below the exp underflow bound);
+      // so is the population CV^2 of dense gates when every importance is 0: no prediction
+      // near that bound. A d L / d I beyond the compute type (a huge coefficient) is rejected
+      // by the backward pass: no prediction for huge coefficients either.
       const bool load = (c.h[31] & 8) && c.type != 2;
-      if (!load && enum_code(c.h[28] & 15, 2) == 1 && c.score == 1) {
+      const double reasonable = c.type == 0 ? kReasonable<double> : kReasonable<float>;
+      if (!load && std::abs(c.coefficient) > reasonable) return Expect::unknown;
+      const bool topk_gates = enum_code(c.h[28] & 15, 2) == 1;
+      const bool population = enum_code(c.h[28] >> 4, 2) == 0;
+      if (!load && (topk_gates || population) && c.score == 1) {
         const double bound = c.type == 0 ? -700.0 : -80.0;
         for (Index t = 0; t < c.T; ++t)
           if (f.real[std::size_t(t)] && f.seen.row(t).maxCoeff() < bound) return Expect::unknown;
