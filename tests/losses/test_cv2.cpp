@@ -139,10 +139,11 @@ TEST_CASE("CV2: sigmoid scores that underflow to 0 and gradients beyond float ra
   RowMatrix<float> xf(3, 4);
   for (Index t = 0; t < 3; ++t) xf.row(t) << -95.f, -96.f, -97.f, -98.f;
   CHECK_THROWS_WITH(moebal::cv2_importance_loss(xf, 2, o),
-                    "moebal::cv2_importance_loss: argument 'logits': expected scores with a "
-                    "positive importance sum for at least one expert (the population CV^2 "
-                    "divides by Mean(I)^2), got every importance 0 over 3 real tokens (sigmoid "
-                    "scores underflow to 0 for logits below about -88 in float, -745 in double)");
+                    "moebal::cv2_importance_loss: argument 'logits': expected a positive "
+                    "importance for at least one expert (the population CV^2 divides by the "
+                    "mean importance squared), got every importance 0 over 3 real tokens "
+                    "(sigmoid scores underflow to 0 for logits below about -88 in float, -745 "
+                    "in double)");
   moebal::Cv2ImportanceLoss<float> object(4, 2, o);
   CHECK_THROWS_AS(object.forward(xf), moebal::invalid_argument);
   moebal::CombinedOptions combined;

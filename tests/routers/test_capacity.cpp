@@ -249,6 +249,22 @@ TEST_CASE("capacity and noise: bad input", "[capacity][errors]") {
                     "moebal::smooth_load_loss: argument 'noise_std': expected finite noise scales "
                     "> 0, got 0 at element 0");
   CHECK_THROWS_AS(moebal::expert_choice(x, 0.1), moebal::invalid_argument);
+  // Noise draws of 100 over clean logits of 0 (sigma 1): h = (100, 100), expert 0 is the top-1
+  // (tie to the lower index), and for both experts the other's noisy logit is the threshold,
+  // z = (0 - 100) / 1 = -100, P = Phi(-100) = 0 in double (0.5 erfc(70.7) < 5e-324). The load
+  // is 0 for both experts and the CV^2 is 0/0.
+  const RowMatrix<double> clean = RowMatrix<double>::Zero(1, 2);
+  const RowMatrix<double> unit = RowMatrix<double>::Ones(1, 2);
+  CHECK_THROWS_WITH(moebal::smooth_load_loss(clean, unit, (100.0 * unit).eval(), 1),
+                    "moebal::smooth_load_loss: argument 'clean, noise_std, noise': expected a "
+                    "positive smooth load for at least one expert (the population CV^2 divides "
+                    "by the mean smooth load squared), got every smooth load 0 over 1 real "
+                    "tokens (every P_ti = Phi(z_ti) underflows to 0 for z_ti below about -38.6)");
+  // Draws of 30 instead: P = Phi(-30) = 4.9e-198 > 0 for both, equal loads, CV^2 exactly 0.
+  const auto tiny = moebal::smooth_load_loss(clean, unit, (30.0 * unit).eval(), 1);
+  CHECK(tiny.load.minCoeff() > 0.0);
+  CHECK(tiny.loss == 0.0);
+  CHECK(tiny.dloss_dclean.allFinite());
 }
 
 TEST_CASE("switch_aux_loss_with_counts: counts before or after capacity, never padded",

@@ -341,11 +341,9 @@ class CombinedAuxLoss {
     }
     if (w.cv2_importance != 0.0) {
       importance_ = statistics_.score_sums();
-      if (options_.cv2_variance == Cv2Variance::population) {
-        detail::check_positive_importance(function, importance_, tokens);
-      }
-      terms_.cv2_importance =
-          detail::cv2_and_gradient(importance_, options_.cv2_variance, w.cv2_importance, h_);
+      terms_.cv2_importance = detail::cv2_and_gradient(
+          {function, "logits", "importance", tokens, detail::kZeroImportanceCause}, importance_,
+          options_.cv2_variance, w.cv2_importance, h_);
       g_batch_ += h_;
     }
     seq_factor_.setZero(sequences);

@@ -120,21 +120,22 @@ inline void check_cv2_options(const char* function, Index num_experts, Index k,
                 concat("a sum of 0 at row ", t));
 }
 
-/// The population CV^2 Var(I) / Mean(I)^2 is 0/0 when real tokens give every expert an
-/// importance of exactly 0: sigmoid scores that underflow (logits below about -88 in float,
-/// -745 in double; PyTorch's sigmoid underflows at the same points). Raised rather than
-/// returned as 0, which would silently stop the balancing.
-inline void check_positive_importance(const char* function, const Eigen::VectorXd& importance,
-                                      double tokens) {
-  if (tokens > 0 && importance.cwiseAbs().maxCoeff() == 0.0) {
-    throw_invalid(function, "logits",
-                  "scores with a positive importance sum for at least one expert (the "
-                  "population CV^2 divides by Mean(I)^2)",
-                  concat("every importance 0 over ", tokens,
-                         " real tokens (sigmoid scores underflow to 0 for logits below about "
-                         "-88 in float, -745 in double)"));
-  }
-}
+/// Why a population CV^2's statistic can be 0 for every expert while real tokens exist, named in
+/// the error: the importance of sigmoid scores that underflow (logits below about -88 in float,
+/// -745 in double; PyTorch's sigmoid underflows at the same points).
+inline constexpr const char* kZeroImportanceCause =
+    "sigmoid scores underflow to 0 for logits below about -88 in float, -745 in double";
+
+/// Where a CV^2 comes from, for the error raised when its statistic is 0/0: the public function,
+/// the argument to blame, the statistic's name, the number of real tokens behind it, and why it
+/// can be 0 (`kZeroImportanceCause` for importances).
+struct Cv2Source {
+  const char* function;
+  const char* argument;
+  const char* statistic;
+  double tokens;
+  const char* cause;
+};
 
 /// d L / d I (h, computed in double) must be finite in the compute type C of the backward pass:
 /// float overflows for coefficients near float's range (the gradient itself is then beyond it).
@@ -152,8 +153,12 @@ inline void check_gradient_representable(const char* function, const char* argum
 }
 
 /// CV^2 of v and its gradient h = d CV^2 / d v (coefficient included).
-inline double cv2_and_gradient(const Eigen::VectorXd& v, Cv2Variance variance, double a,
-                               Eigen::VectorXd& h) {
+/// The population CV^2 Var(v) / Mean(v)^2 is 0/0 when real tokens (`source.tokens` > 0) leave
+/// every v_i exactly 0; that raises invalid_argument naming `source.argument` rather than
+/// returning 0, which would silently stop the balancing. With no real token it is 0 (nothing to
+/// balance). Tutel's unbiased form adds 1e-10 to Mean^2 and stays defined.
+inline double cv2_and_gradient(const Cv2Source& source, const Eigen::VectorXd& v,
+                               Cv2Variance variance, double a, Eigen::VectorXd& h) {
   const double n = double(v.size());
   h.setZero(v.size());
   if (variance == Cv2Variance::population) {
@@ -162,7 +167,17 @@ inline double cv2_and_gradient(const Eigen::VectorXd& v, Cv2Variance variance, d
     // scale the gradient back by 1 / m (L(v) = L(v / m) for the fixed m).
     // No temporaries: the loss objects must not allocate in steady state.
     const double m = v.cwiseAbs().maxCoeff();
-    if (m == 0.0) return 0.0;
+    if (m == 0.0) {
+      if (source.tokens > 0) {
+        throw_invalid(source.function, source.argument,
+                      concat("a positive ", source.statistic,
+                             " for at least one expert (the population CV^2 divides by the mean ",
+                             source.statistic, " squared)"),
+                      concat("every ", source.statistic, " 0 over ", source.tokens,
+                             " real tokens (", source.cause, ")"));
+      }
+      return 0.0;
+    }
     const double mu = (v.array() / m).mean();
     if (mu == 0.0) return 0.0;
     const double var = (v.array() / m - mu).square().sum() / n;
@@ -277,10 +292,9 @@ class Cv2ImportanceLoss {
       tokens_ += p.tokens;
       importance_ += p.importance.matrix();
     }
-    if (options_.variance == Cv2Variance::population) {
-      detail::check_positive_importance(function, importance_, double(tokens_));
-    }
-    loss_ = detail::cv2_and_gradient(importance_, options_.variance, options_.coefficient, h_);
+    loss_ = detail::cv2_and_gradient(
+        {function, "logits", "importance", double(tokens_), detail::kZeroImportanceCause},
+        importance_, options_.variance, options_.coefficient, h_);
     h_compute_ = h_.array().template cast<Compute>();
     return loss();
   }
@@ -384,7 +398,9 @@ Cv2LoadResult<compute_type_t<typename Derived::Scalar>> cv2_load(
     for (Index i = 0; i < k; ++i) result.counts[selected[i]] += 1;
   });
   Eigen::VectorXd h;
+  // Counts sum to T k, so they are all 0 only without real tokens (loss 0).
   result.loss = static_cast<compute_type_t<Scalar>>(detail::cv2_and_gradient(
+      {function, "logits", "count", double(result.tokens), "unreachable: counts sum to T k"},
       result.counts.template cast<double>(), Cv2Variance::population, options.coefficient, h));
   result.grad = RowMatrix<compute_type_t<Scalar>>::Zero(x.rows(), x.cols());
   return result;

@@ -114,8 +114,9 @@ struct SmoothLoadResult {
 /// @param clean T x N clean logits. @param noise_std T x N noise scales (> 0; Shazeer:
 ///   softplus(x W_noise)). @param noise T x N standard normal draws used for the noisy logits.
 /// @param k experts per token, 1 <= k < N. @param coefficient a.
-/// @throws moebal::invalid_argument for mismatched shapes, k out of range, a scale <= 0, or
-///   non-finite inputs.
+/// @throws moebal::invalid_argument for mismatched shapes, k out of range, a scale <= 0,
+///   non-finite inputs, or a load that is 0 for every expert (every P_ti underflows: the CV^2 is
+///   0/0; argument 'clean, noise_std, noise').
 template <class D1, class D2, class D3>
 SmoothLoadResult smooth_load_loss(const Eigen::MatrixBase<D1>& clean, const Eigen::MatrixBase<D2>& noise_std,
                                   const Eigen::MatrixBase<D3>& noise, Index k, double coefficient = 1.0) {
@@ -162,7 +163,12 @@ SmoothLoadResult smooth_load_loss(const Eigen::MatrixBase<D1>& clean, const Eige
     }
   }
   Eigen::VectorXd H;
-  r.loss = detail::cv2_and_gradient(r.load, Cv2Variance::population, coefficient, H);
+  // Every P_ti can underflow to 0 (Phi(z) is 0 in double for z below about -38.6, e.g. noise
+  // draws far above the clean logits): the CV^2 is then 0/0 and raises rather than returning 0.
+  r.loss = detail::cv2_and_gradient(
+      {function, "clean, noise_std, noise", "smooth load", double(T),
+       "every P_ti = Phi(z_ti) underflows to 0 for z_ti below about -38.6"},
+      r.load, Cv2Variance::population, coefficient, H);
   r.dloss_dclean = RowMatrix<double>::Zero(T, N);
   r.dloss_dnoise_std = RowMatrix<double>::Zero(T, N);
   const double inv_sqrt_2pi = 0.39894228040143267794;
