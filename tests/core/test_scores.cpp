@@ -130,3 +130,47 @@ TEST_CASE("scores: bad input", "[scores][errors]") {
       "moebal::softmax_backward: argument 'dloss_dprobs': expected the logits' shape 2 x 3, "
       "got shape 3 x 2");
 }
+
+TEST_CASE("softmax exponential: within 2 ulp of exp in double over the normal range",
+          "[scores][softmax][exp]") {
+  // moebal's own float exp for the softmax's arguments d = x - max <= 0
+  // (detail::exp_nonpositive), against std::exp evaluated in double and rounded to float:
+  // 2^21 arguments spread over [log(smallest normal), 0], each block of lanes taking
+  // neighbouring values (every lane of the packets is exercised).
+  using Block = moebal::detail::ExpBlock<float>;
+  constexpr Index lanes = Block::SizeAtCompileTime;
+  const float lowest = moebal::detail::kLogSmallestNormal<float>;
+  const Index blocks = (Index(1) << 21) / lanes;
+  double worst = 0.0;
+  float worst_at = 0.0f;
+  for (Index b = 0; b < blocks; ++b) {
+    Block d;
+    for (Index l = 0; l < lanes; ++l) {
+      d[l] = lowest * float(double(b * lanes + l) / double(blocks * lanes));
+    }
+    const Block e = moebal::detail::exp_nonpositive(d);
+    for (Index l = 0; l < lanes; ++l) {
+      const double exact = std::exp(double(d[l]));
+      const float rounded = float(exact);
+      const double ulp = double(std::nextafter(rounded, 1.0f)) - double(rounded);
+      const double err = std::abs(double(e[l]) - exact) / ulp;
+      if (err > worst) {
+        worst = err;
+        worst_at = d[l];
+      }
+    }
+  }
+  INFO("worst error " << worst << " ulp at d = " << worst_at);
+  CHECK(worst <= 2.0);
+  // exp(0) is exactly 1 (the row maximum's raw score) and the flush below the normal range
+  // gives exactly 0, as for -Inf.
+  Block d = Block::Zero();
+  d[1] = lowest * 1.0001f;
+  d[2] = -std::numeric_limits<float>::infinity();
+  d[3] = -1.0f;
+  const auto r = moebal::detail::raw_block<float>(d, 0.0f, ScoreFunction::softmax);
+  CHECK(r[0] == 1.0f);
+  CHECK(r[1] == 0.0f);
+  CHECK(r[2] == 0.0f);
+  CHECK(std::abs(double(r[3]) - std::exp(-1.0)) <= 2.0 * std::exp(-1.0) * 6e-8);
+}

@@ -152,17 +152,82 @@ MOEBAL_ALWAYS_INLINE void zero_below(Eigen::Array<C, B, 1>& e, const Eigen::Arra
   }
 }
 
+/// Whether `exp_nonpositive` has its own packet path for C (float, with an integer packet of
+/// the same width to build 2^m in: SSE, AVX, AVX-512, NEON); otherwise it is Eigen's exp.
+template <class C>
+inline constexpr bool kOwnExp = std::is_same_v<C, float> &&
+                                Eigen::internal::packet_traits<C>::Vectorizable &&
+                                (Eigen::internal::packet_traits<C>::size > 1);
+
+/// exp(d) for the softmax's arguments d = x - max(x) <= 0, one block of B values, for the
+/// lanes with d >= log(smallest normal) (about -87.34 in float); the other lanes hold
+/// unspecified values (NaN for d = NaN or -Inf) that the caller replaces (`zero_below`).
+/// Float: exp(d) = 2^m exp(r) with m = round(d / ln 2) in [-126, 0], r = d - m ln 2 with ln 2
+/// in two parts (Cody and Waite: 0.693359375 exact in a float, -2.12194440e-4), and exp(r) =
+/// 1 + r + r^2 P(r), P the degree-5 polynomial of Cephes' expf (Moshier; the coefficients Eigen
+/// 3.4's pexp_float uses too), evaluated in Estrin's order. m is rounded by adding
+/// 1.5 * 2^23 + 127 (a float whose unit in the last place is 1), whose low bits then hold the
+/// biased exponent m + 127 in [1, 127]: 2^m is those bits shifted into the exponent field,
+/// always a normal number. Half the operations of Eigen's exp, which clamps for both signs and
+/// builds 2^m in four factors to reach the subnormals; the error is within 2 ulp of the exact
+/// value (tests/core/test_scores.cpp sweeps [-87.3, 0]). Double: Eigen's exp.
+// Naming Eigen's integer packet (unpacket_traits<__m256>) drops the vector type's alignment
+// attribute from the template argument, which GCC reports; Eigen's own headers silence it.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+template <class C, int B>
+MOEBAL_ALWAYS_INLINE Eigen::Array<C, B, 1> exp_nonpositive(const Eigen::Array<C, B, 1>& d) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<C>::type;
+  constexpr int size = ei::packet_traits<C>::size;
+  if constexpr (kOwnExp<C> && B % size == 0) {
+    using PacketI = typename ei::unpacket_traits<Packet>::integer_packet;
+    const Packet log2e = ei::pset1<Packet>(1.44269504088896341f);
+    const Packet shifter = ei::pset1<Packet>(12582912.0f + 127.0f);  // 1.5 * 2^23 + 127
+    const Packet ln2_hi = ei::pset1<Packet>(-0.693359375f);
+    const Packet ln2_lo = ei::pset1<Packet>(2.12194440e-4f);
+    const Packet p0 = ei::pset1<Packet>(1.9875691500e-4f), p1 = ei::pset1<Packet>(1.3981999507e-3f);
+    const Packet p2 = ei::pset1<Packet>(8.3334519073e-3f), p3 = ei::pset1<Packet>(4.1665795894e-2f);
+    const Packet p4 = ei::pset1<Packet>(1.6666665459e-1f), p5 = ei::pset1<Packet>(5.0000001201e-1f);
+    const Packet one = ei::pset1<Packet>(1.0f);
+    Eigen::Array<C, B, 1> e;
+    for (int h = 0; h < B; h += size) {
+      const Packet x = ei::ploadu<Packet>(d.data() + h);
+      const Packet t = ei::pmadd(x, log2e, shifter);  // 1.5 * 2^23 + 127 + m
+      const Packet m = ei::psub(t, shifter);
+      Packet r = ei::pmadd(m, ln2_hi, x);
+      r = ei::pmadd(m, ln2_lo, r);
+      const Packet r2 = ei::pmul(r, r);
+      const Packet a = ei::pmadd(p0, r, p1), b = ei::pmadd(p2, r, p3), c = ei::pmadd(p4, r, p5);
+      const Packet poly = ei::pmadd(ei::pmadd(a, r2, b), r2, c);
+      const Packet er = ei::pmadd(poly, r2, ei::padd(r, one));
+      const Packet two_m = ei::preinterpret<Packet>(
+          ei::plogical_shift_left<23>(ei::preinterpret<PacketI>(t)));
+      ei::pstoreu(e.data() + h, ei::pmul(er, two_m));
+    }
+    return e;
+  } else {
+    return d.exp();
+  }
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
 template <class C, int B>
 MOEBAL_ALWAYS_INLINE Eigen::Array<C, B, 1> raw_block(const Eigen::Array<C, B, 1>& xb, C max,
                                                      ScoreFunction score) {
   if (score == ScoreFunction::softmax) {
-    // Eigen 3.4's vectorized exp returns a tiny positive floor (about 3e-39 in float) for
-    // arguments below the normal range, -Inf included. Below log(smallest normal) the result is
-    // flushed to exactly 0 instead, so -Inf logits get probability 0 as in PyTorch (the values
-    // replaced are below 1.2e-38 in float, 2.3e-308 in double).
+    // Below the normal range, -Inf included, exp_nonpositive leaves unspecified values (and
+    // Eigen 3.4's exp, used for double, a tiny positive floor, about 3e-39 in float). Below
+    // log(smallest normal) the result is flushed to exactly 0 instead, so -Inf logits get
+    // probability 0 as in PyTorch (the values replaced are below 1.2e-38 in float, 2.3e-308 in
+    // double).
     const C lowest = kLogSmallestNormal<C>;
     const Eigen::Array<C, B, 1> d = xb - max;
-    Eigen::Array<C, B, 1> e = d.exp();
+    Eigen::Array<C, B, 1> e = exp_nonpositive(d);
     zero_below(e, d, lowest);
     return e;
   }
