@@ -83,7 +83,7 @@ TEMPLATE_TEST_CASE("topk_indices: distinct values (the threshold path) and exact
     q.row(4).head(n / 2).setConstant(T(2));  // ties at the top
     // Every compile-time lane depth of the threshold method (1, 2, 4, 8, 16) and the exact
     // method above k = 16.
-    for (const Index k : {Index(1), Index(2), Index(3), Index(5), Index(8), Index(12),
+    for (const Index k : {Index(1), Index(2), Index(3), Index(4), Index(5), Index(8), Index(12),
                           Index(16), Index(17), n / 2, n}) {
       if (k < 1 || k > n) continue;
       const IndexMatrix top = moebal::topk_indices(q, k);

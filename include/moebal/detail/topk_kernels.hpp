@@ -403,14 +403,39 @@ void topk_row(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch)
       topk_sorted_values<K>(q, n, sorted);
       const C tau = sorted[k - 1], top = sorted[0];
       typename Lanes::I selected = {}, at_top = {};
+      const typename Lanes::I iota = Lanes::iota();
+      const typename Lanes::Int none = static_cast<typename Lanes::Int>(n);
+      if constexpr (K <= 4) {
+        // k distinct values (the common case): each is held by exactly one index once the
+        // verification passes, so the verification and every slot's search share one pass.
+        bool distinct = true;
+        for (Index i = 1; i < k; ++i) distinct = distinct && sorted[i] != sorted[i - 1];
+        if (distinct) {
+          typename Lanes::I best[K];
+          for (Index i = 0; i < K; ++i) best[i] = iota * 0 + none;
+          for (Index j = 0; j < n; j += L) {
+            const typename Lanes::V v = Lanes::load(q + j);
+            selected -= v >= tau;
+            at_top -= v == top;
+            const typename Lanes::I index = iota + static_cast<typename Lanes::Int>(j);
+            for (Index i = 0; i < K; ++i) {
+              if (i >= k) break;
+              const typename Lanes::I hit = v == sorted[i];
+              const typename Lanes::I candidate = (index & hit) | (none & ~hit);
+              best[i] = candidate < best[i] ? candidate : best[i];
+            }
+          }
+          if (Lanes::sum(selected) != k || Lanes::sum(at_top) != 1) return false;
+          for (Index i = 0; i < k; ++i) out[i] = static_cast<Index>(Lanes::min(best[i]));
+          return true;
+        }
+      }
       for (Index j = 0; j < n; j += L) {
         const typename Lanes::V v = Lanes::load(q + j);
         selected -= v >= tau;
         at_top -= v == top;
       }
       if (Lanes::sum(selected) != k || Lanes::sum(at_top) != 1) return false;
-      const typename Lanes::I iota = Lanes::iota();
-      const typename Lanes::Int none = static_cast<typename Lanes::Int>(n);
       for (Index i = 0; i < k; ++i) {
         const C value = sorted[i];
         const typename Lanes::Int after =

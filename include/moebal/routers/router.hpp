@@ -475,12 +475,16 @@ class Router {
         raw[i] = std::exp(row[selected[std::size_t(i)]] - max);
         sum += raw[i];
       }
-      raw /= sum;
+      for (Index i = 0; i < k_; ++i) raw[i] /= sum;
     } else {
       for (Index i = 0; i < k_; ++i) raw[i] = lane.s[selected[std::size_t(i)]];
     }
-    lane.sum = raw.sum();
-    lane.u = raw;
+    // Plain loops over the k slots (Eigen's dynamic-size expressions cost more than the work
+    // for k = 2): the sum in slot order, then u = raw / D * scaling.
+    Compute total = Compute(0);
+    for (Index i = 0; i < k_; ++i) total += raw[i];
+    lane.sum = total;
+    const Compute scaling = static_cast<Compute>(options_.scaling_factor);
     if (options_.normalize) {
       const Compute d = denominator(lane);
       if (!(d > Compute(0))) {
@@ -489,9 +493,10 @@ class Router {
                               "normalize_epsilon = 0 (set normalize_epsilon > 0)",
                               detail::concat("a sum of 0 at row ", t));
       }
-      lane.u /= d;
+      for (Index i = 0; i < k_; ++i) lane.u[i] = raw[i] / d * scaling;
+    } else {
+      for (Index i = 0; i < k_; ++i) lane.u[i] = raw[i] * scaling;
     }
-    lane.u *= static_cast<Compute>(options_.scaling_factor);
   }
 
   // The normalization's denominator for the lane's current row (lane.sum set by weights_row).
