@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include "moebal/core/topk.hpp"
+#include "moebal/detail/row_kernels.hpp"
 
 using moebal::Index;
 using moebal::IndexMatrix;
@@ -147,5 +148,46 @@ TEMPLATE_TEST_CASE("topk_indices: equal values inside the top k and -Inf keep th
     }
     q(1, 0) = -inf;
     for (const Index k : {Index(2), Index(3), Index(4), Index(5), n}) check_topk_rows(q, k);
+  }
+}
+
+TEMPLATE_TEST_CASE("fused row kernel: tau and the maximum of the scores for every k",
+                   "[topk][softmax]", float, double) {
+  // raw_scores_topk (the Switch loss's pass 1) against the sorted scores q = raw * inv of the
+  // same row from raw_scores_to: tau is the k-th largest (with multiplicity) and top the
+  // largest, bitwise, for k below, at and between the lists' depths (1, 2, 4, 8, 16; at the
+  // depth the last merge takes the extremes instead of sorting).
+  using T = TestType;
+  using moebal::ScoreFunction;
+  std::mt19937 engine(11);
+  std::normal_distribution<double> normal(0.0, 2.0);
+  std::uniform_int_distribution<int> level(0, 5);
+  for (const Index n : {Index(16), Index(64), Index(96)}) {
+    REQUIRE(moebal::detail::fused_row_kernel(n));
+    for (int row = 0; row < 40; ++row) {
+      std::vector<T> x(static_cast<std::size_t>(n));
+      // Rows 0-9 with many equal values (ties inside and around the top k).
+      for (auto& v : x) v = row < 10 ? T(level(engine)) : T(normal(engine));
+      std::vector<T> raw(x.size()), raw_fused(x.size());
+      moebal::detail::RowNorm<T> norm, norm_fused;
+      REQUIRE(moebal::detail::raw_scores_to(x.data(), n, ScoreFunction::softmax, raw.data(),
+                                            norm));
+      std::vector<T> q(x.size());
+      for (std::size_t j = 0; j < q.size(); ++j) q[j] = raw[j] * norm.inv;
+      std::sort(q.begin(), q.end(), [](T a, T b) { return a > b; });
+      for (Index k = 1; k <= 16; ++k) {
+        T tau = T(0), top = T(0);
+        const bool valid = moebal::detail::with_topk_depth(k, [&](auto depth) {
+          return moebal::detail::raw_scores_topk<decltype(depth)::value>(
+              x.data(), n, k, ScoreFunction::softmax, raw_fused.data(), norm_fused, tau, top);
+        });
+        INFO("n = " << n << ", row " << row << ", k = " << k);
+        CHECK(valid);
+        CHECK(norm_fused.inv == norm.inv);
+        CHECK(raw_fused == raw);
+        CHECK(top == q[0]);
+        CHECK(tau == q[static_cast<std::size_t>(k - 1)]);
+      }
+    }
   }
 }

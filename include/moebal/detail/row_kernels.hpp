@@ -45,6 +45,14 @@ MOEBAL_ALWAYS_INLINE bool raw_scores_topk(const S* x, Index n, Index k, ScoreFun
       depth += depth < K ? 1 : 0;
     }
   });
+  if (k == K) {
+    // tau is the smallest of the K largest: no need to sort them.
+    C top_raw, tau_raw;
+    lists.extremes_of_merged(top_raw, tau_raw);
+    top = top_raw * norm.inv;
+    tau = tau_raw * norm.inv;
+    return valid;
+  }
   C sorted[K];
   lists.merged(sorted);
   top = sorted[0] * norm.inv;

@@ -179,6 +179,21 @@ struct LaneTopk {
 #endif
   }
 
+  /// The largest value of all lanes (top) and the K-th largest counted with multiplicity
+  /// (tau): as `merged`, except that the last merge, whose K values hold the K largest as a
+  /// bitonic sequence, takes their maximum and minimum instead of sorting them (for k == K,
+  /// where the order of the others is never read).
+  MOEBAL_ALWAYS_INLINE void extremes_of_merged(C& top, C& tau) const {
+#if MOEBAL_HAS_SHUFFLEVECTOR
+    merge_halves<int(kLanes), true>(best, &top, &tau);
+#else
+    C out[K];
+    merged(out);
+    top = out[0];
+    tau = out[K - 1];
+#endif
+  }
+
   /// Sorts the bitonic lists m[0..K) (elementwise over lanes) into decreasing order.
   template <class V>
   MOEBAL_ALWAYS_INLINE static void bitonic_sort(V (&m)[K]) {
@@ -204,17 +219,29 @@ struct LaneTopk {
     return __builtin_shufflevector(v, v, (Offset + I)...);
   }
 
-  template <int L>
+  /// Extremes: out is the maximum and tau_out the minimum of the last merge (see
+  /// `extremes_of_merged`); otherwise out[0..K) the sorted values.
+  template <int L, bool Extremes = false>
   MOEBAL_ALWAYS_INLINE static void merge_halves(const typename VectorOf<L>::type (&lists)[K],
-                                                C* out) {
+                                                C* out, C* tau_out = nullptr) {
     if constexpr (L == 2) {
       C m[K];
       for (Index i = 0; i < K; ++i) {
         const C a = lists[i][0], b = lists[K - 1 - i][1];
         m[i] = a > b ? a : b;
       }
-      bitonic_sort(m);
-      for (Index i = 0; i < K; ++i) out[i] = m[i];
+      if constexpr (Extremes) {
+        C high = m[0], low = m[0];
+        for (Index i = 1; i < K; ++i) {
+          high = m[i] > high ? m[i] : high;
+          low = m[i] < low ? m[i] : low;
+        }
+        *out = high;
+        *tau_out = low;
+      } else {
+        bitonic_sort(m);
+        for (Index i = 0; i < K; ++i) out[i] = m[i];
+      }
     } else {
       constexpr int H = L / 2;
       using Half = typename VectorOf<H>::type;
@@ -225,7 +252,7 @@ struct LaneTopk {
         m[i] = a > b ? a : b;
       }
       bitonic_sort(m);
-      merge_halves<H>(m, out);
+      merge_halves<H, Extremes>(m, out, tau_out);
     }
   }
 #else
