@@ -45,18 +45,17 @@ MOEBAL_ALWAYS_INLINE bool raw_scores_topk(const S* x, Index n, Index k, ScoreFun
       depth += depth < K ? 1 : 0;
     }
   });
+  C top_raw, tau_raw;
   if (k == K) {
-    // tau is the smallest of the K largest: no need to sort them.
-    C top_raw, tau_raw;
-    lists.extremes_of_merged(top_raw, tau_raw);
-    top = top_raw * norm.inv;
-    tau = tau_raw * norm.inv;
-    return valid;
+    lists.extremes_of_merged(top_raw, tau_raw);  // tau is the smallest of the K largest
+  } else {
+    C sorted[K];
+    lists.merged(sorted);
+    top_raw = sorted[0];
+    tau_raw = sorted[k - 1];
   }
-  C sorted[K];
-  lists.merged(sorted);
-  top = sorted[0] * norm.inv;
-  tau = sorted[k - 1] * norm.inv;
+  top = top_raw * norm.inv;
+  tau = tau_raw * norm.inv;
   return valid;
 }
 

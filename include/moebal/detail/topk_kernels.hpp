@@ -432,37 +432,36 @@ void topk_row(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch)
       typename Lanes::I selected = {}, at_top = {};
       const typename Lanes::I iota = Lanes::iota();
       const typename Lanes::Int none = static_cast<typename Lanes::Int>(n);
-      if constexpr (K <= 4) {
-        // k distinct values (the common case): each is held by exactly one index once the
-        // verification passes, so the verification and every slot's search share one pass.
-        bool distinct = true;
-        for (Index i = 1; i < k; ++i) distinct = distinct && sorted[i] != sorted[i - 1];
-        if (distinct) {
-          typename Lanes::I best[K];
-          for (Index i = 0; i < K; ++i) best[i] = iota * 0 + none;
-          for (Index j = 0; j < n; j += L) {
-            const typename Lanes::V v = Lanes::load(q + j);
-            selected -= v >= tau;
-            at_top -= v == top;
-            const typename Lanes::I index = iota + static_cast<typename Lanes::Int>(j);
-            for (Index i = 0; i < K; ++i) {
-              if (i >= k) break;
-              const typename Lanes::I hit = v == sorted[i];
-              const typename Lanes::I candidate = (index & hit) | (none & ~hit);
-              best[i] = candidate < best[i] ? candidate : best[i];
-            }
-          }
-          if (Lanes::sum(selected) != k || Lanes::sum(at_top) != 1) return false;
-          for (Index i = 0; i < k; ++i) out[i] = static_cast<Index>(Lanes::min(best[i]));
-          return true;
-        }
-      }
+      // k distinct values (the common case, tried for k <= 4): once the verification passes
+      // each is held by exactly one index, so every slot's search shares the verification's
+      // pass; otherwise each slot is searched after it, in slot order.
+      bool one_pass = K <= 4;
+      for (Index i = 1; i < k && one_pass; ++i) one_pass = sorted[i] != sorted[i - 1];
+      constexpr Index kOnePass = K <= 4 ? K : 1;
+      typename Lanes::I slot_best[kOnePass];
+      for (Index i = 0; i < kOnePass; ++i) slot_best[i] = iota * 0 + none;
       for (Index j = 0; j < n; j += L) {
         const typename Lanes::V v = Lanes::load(q + j);
         selected -= v >= tau;
         at_top -= v == top;
+        if constexpr (K <= 4) {
+          if (one_pass) {
+            const typename Lanes::I index = iota + static_cast<typename Lanes::Int>(j);
+            for (Index i = 0; i < K && i < k; ++i) {
+              const typename Lanes::I hit = v == sorted[i];
+              const typename Lanes::I candidate = (index & hit) | (none & ~hit);
+              slot_best[i] = candidate < slot_best[i] ? candidate : slot_best[i];
+            }
+          }
+        }
       }
       if (Lanes::sum(selected) != k || Lanes::sum(at_top) != 1) return false;
+      if constexpr (K <= 4) {
+        if (one_pass) {
+          for (Index i = 0; i < k; ++i) out[i] = static_cast<Index>(Lanes::min(slot_best[i]));
+          return true;
+        }
+      }
       for (Index i = 0; i < k; ++i) {
         const C value = sorted[i];
         const typename Lanes::Int after =
