@@ -191,3 +191,74 @@ TEMPLATE_TEST_CASE("fused row kernel: tau and the maximum of the scores for ever
     }
   }
 }
+
+TEMPLATE_TEST_CASE("two-row kernels: each row bitwise as the one-row kernels compute it",
+                   "[topk][scores]", float, double) {
+  // raw_scores_rows<2> and raw_scores_topk_rows<K, 2> (the Switch loss's pass 1 takes real rows
+  // in pairs) interleave two rows; each row's raw values, normalizer, validity, tau and top
+  // must be those of raw_scores_to / raw_scores_topk on that row alone, for row lengths with
+  // and without the wide-block tail, both score functions, tied rows and invalid rows (NaN,
+  // +Inf, all -Inf) in either position.
+  using T = TestType;
+  using moebal::ScoreFunction;
+  namespace d = moebal::detail;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  std::mt19937 engine(12);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  std::uniform_int_distribution<int> level(0, 3);
+  for (const Index n : {Index(5), Index(8), Index(13), Index(24), Index(40), Index(64)}) {
+    for (const ScoreFunction score : {ScoreFunction::softmax, ScoreFunction::sigmoid}) {
+      for (int trial = 0; trial < 24; ++trial) {
+        std::vector<T> x(static_cast<std::size_t>(2 * n));
+        for (auto& v : x) v = trial % 4 == 0 ? T(level(engine)) : T(normal(engine));
+        if (trial == 5) x[1] = std::numeric_limits<T>::quiet_NaN();
+        if (trial == 6) x[static_cast<std::size_t>(n + 2)] = inf;
+        if (trial == 7) std::fill(x.begin() + n, x.end(), -inf);
+        if (trial == 8) x[0] = -inf;
+        const T* rows[2] = {x.data(), x.data() + n};
+        std::vector<T> pair_raw(x.size()), one_raw(x.size());
+        T* raw[2] = {pair_raw.data(), pair_raw.data() + n};
+        d::RowNorm<T> norm[2];
+        bool valid[2];
+        d::raw_scores_rows<2>(rows, n, score, raw, norm, valid, d::NoBlockHook());
+        INFO("n = " << n << ", " << moebal::to_string(score) << ", trial " << trial);
+        for (int r = 0; r < 2; ++r) {
+          d::RowNorm<T> one;
+          const bool ok = d::raw_scores_to(rows[r], n, score, one_raw.data() + r * n, one);
+          CHECK(valid[r] == ok);
+          if (!ok) continue;
+          CHECK(norm[r].inv == one.inv);
+          CHECK(norm[r].shift == one.shift);
+          CHECK(std::equal(one_raw.begin() + r * n, one_raw.begin() + (r + 1) * n,
+                           pair_raw.begin() + r * n));
+        }
+        CHECK(valid[0] == (trial != 5));
+        CHECK(valid[1] == (trial != 6 && !(trial == 7 && score == ScoreFunction::softmax)));
+        if (!d::fused_row_kernel(n)) continue;
+        for (Index k = 1; k <= std::min<Index>(n, 16); ++k) {
+          T tau[2], top[2];
+          d::with_topk_depth(k, [&](auto depth) {
+            d::raw_scores_topk_rows<decltype(depth)::value, 2>(rows, n, k, score, raw, norm, tau,
+                                                               top, valid);
+          });
+          for (int r = 0; r < 2; ++r) {
+            d::RowNorm<T> one;
+            T one_tau = T(0), one_top = T(0);
+            const bool ok = d::with_topk_depth(k, [&](auto depth) {
+              return d::raw_scores_topk<decltype(depth)::value>(
+                  rows[r], n, k, score, one_raw.data() + r * n, one, one_tau, one_top);
+            });
+            INFO("k = " << k << ", row " << r);
+            CHECK(valid[r] == ok);
+            if (!ok) continue;
+            CHECK(norm[r].inv == one.inv);
+            CHECK(tau[r] == one_tau);
+            CHECK(top[r] == one_top);
+            CHECK(std::equal(one_raw.begin() + r * n, one_raw.begin() + (r + 1) * n,
+                             pair_raw.begin() + r * n));
+          }
+        }
+      }
+    }
+  }
+}

@@ -499,6 +499,95 @@ TEMPLATE_TEST_CASE("switch_aux_loss: counts match a stable sort of the scores, t
   }
 }
 
+TEMPLATE_TEST_CASE("switch_aux_loss: rows of whole blocks, taken in pairs: counts, P, errors",
+                   "[loss][switch]", float, double) {
+  // Rows whose length is a whole number of exp blocks (N = 24, 64) run the fused kernel on
+  // pairs of real rows. Against a stable sort of moebal::scores per real row (counts) and
+  // the scores' column sums in double (P), with an odd number of real rows, padding between
+  // them (so pairs straddle padded rows) and every third row tied; then the error for a bad
+  // row names that row whichever position of its pair it takes.
+  using T = TestType;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  for (const Index cols : {Index(24), Index(64)}) {
+    // Chunks of 512 rows: two full ones (399 and 400 real rows) and a short third (4).
+    const Index rows = 1030;
+    RowMatrix<T> x = random_logits(rows, cols, 1.5, 97).cast<T>();
+    std::mt19937 engine(98);
+    std::uniform_int_distribution<int> level(0, 3);
+    Eigen::VectorXi mask = Eigen::VectorXi::Ones(rows);
+    for (Index t = 0; t < rows; ++t) {
+      if (t % 3 == 0) {
+        for (Index j = 0; j < cols; ++j) x(t, j) = T(level(engine));
+      }
+      if (t % 7 == 2 || t % 11 == 5) {
+        mask[t] = 0;
+        x.row(t).setConstant(std::numeric_limits<T>::quiet_NaN());  // never read
+      }
+    }
+    RowMatrix<T> x_real = x;  // the reference's scores: padded rows replaced by zeros
+    for (Index t = 0; t < rows; ++t) {
+      if (mask[t] == 0) x_real.row(t).setZero();
+    }
+    for (const auto score : kScores) {
+      const RowMatrix<T> q = moebal::scores(x_real, score);
+      for (const Index k : {Index(1), Index(2), Index(3), Index(8)}) {
+        moebal::CountVector counts = moebal::CountVector::Zero(cols);
+        moebal::CountVector first = moebal::CountVector::Zero(cols);
+        Eigen::VectorXd sums = Eigen::VectorXd::Zero(cols);
+        Index real = 0;
+        for (Index t = 0; t < rows; ++t) {
+          if (mask[t] == 0) continue;
+          ++real;
+          std::vector<Index> order(static_cast<std::size_t>(cols));
+          std::iota(order.begin(), order.end(), Index(0));
+          std::stable_sort(order.begin(), order.end(),
+                           [&](Index a, Index b) { return q(t, a) > q(t, b); });
+          for (Index s = 0; s < k; ++s) counts[order[std::size_t(s)]] += 1;
+          first[order[0]] += 1;
+          for (Index j = 0; j < cols; ++j) sums[j] += double(q(t, j));
+        }
+        REQUIRE(real == 803);
+        SwitchOptions o;
+        o.score = score;
+        moebal::SwitchAuxLoss<T> loss(cols, k, o);
+        RowMatrix<T> grad(rows, cols);
+        INFO("N = " << cols << ", " << moebal::to_string(score) << ", k = " << k);
+        for (int form = 0; form < 2; ++form) {  // forward alone; forward_backward
+          const moebal::TokenMask m(mask);
+          if (form == 0) {
+            loss.forward(x, m);
+          } else {
+            loss.forward_backward(x, grad, m);
+          }
+          const moebal::SwitchStats st = loss.stats();
+          CHECK(st.tokens == real);
+          CHECK(st.tokens_per_expert == counts);
+          CHECK(st.first_choice_tokens == first);
+          CHECK_THAT(as_double(st.P), IsCloseTo(sums / double(real), 1e-12));
+        }
+      }
+    }
+    // A bad row in the first or the second place of a pair (rows 0 and 1 are real and form
+    // the first pair; so do 3 and 4).
+    REQUIRE((mask[0] == 1 && mask[1] == 1 && mask[3] == 1 && mask[4] == 1 && mask[2] == 0));
+    for (const Index bad : {Index(0), Index(1), Index(3), Index(4)}) {
+      RowMatrix<T> y = x;
+      y(bad, 5) = inf;
+      moebal::SwitchAuxLoss<T> loss(cols, 2);
+      CHECK_THROWS_WITH(loss.forward(y, moebal::TokenMask(mask)),
+                        Catch::Contains("got inf at row " + std::to_string(bad) + ", column 5"));
+    }
+    // Two bad rows in one pair: the lower row is named.
+    RowMatrix<T> y = x;
+    y(3, 1) = -inf;
+    y.row(4).setConstant(-inf);
+    y(3, 0) = std::numeric_limits<T>::quiet_NaN();
+    moebal::SwitchAuxLoss<T> loss(cols, 2);
+    CHECK_THROWS_WITH(loss.forward(y, moebal::TokenMask(mask)),
+                      Catch::Contains("got nan at row 3, column 0"));
+  }
+}
+
 TEST_CASE("switch_aux_loss: selection is on the scores as computed", "[loss][switch]") {
   // sigmoid(17) and sigmoid(20) both round to 1.0f in float: the scores tie and expert 0 wins.
   // In double they differ and expert 1 is selected.

@@ -20,6 +20,41 @@ namespace detail {
 /// Whether `raw_scores_topk` takes rows of n experts: whole exp blocks only.
 inline bool fused_row_kernel(Index n) { return n > 0 && n % kExpBlock == 0; }
 
+/// `raw_scores_topk` (below) for R rows at once (R = 1 or 2; see `raw_scores_rows`): row r's
+/// raw values, normalizer, tau and top are those the one-row function computes for that row
+/// (it is this function with R = 1); valid[r] is its result.
+template <Index K, int R, class S, class C>
+MOEBAL_ALWAYS_INLINE void raw_scores_topk_rows(const S* const* x, Index n, Index k,
+                                               ScoreFunction score, C* const* raw,
+                                               RowNorm<C>* norm, C* tau, C* top, bool* valid) {
+  using Lists = LaneTopk<K, C>;
+  using Ops = typename Lists::Ops;
+  constexpr Index lanes = Lists::kLanes;
+  static_assert(kExpBlock % lanes == 0, "exp blocks are made of whole top-k lane blocks");
+  MOEBAL_ASSERT(fused_row_kernel(n) && k >= 1 && k <= K);
+  Lists lists[R];
+  Index depth[R] = {};  // levels of each row's lists that hold values
+  raw_scores_rows<R>(x, n, score, raw, norm, valid, [&](int r, const ExpBlock<C>& b) {
+    for (Index h = 0; h < kExpBlock; h += lanes) {
+      lists[r].insert(Ops::load(b.data() + h), depth[r]);
+      depth[r] += depth[r] < K ? 1 : 0;
+    }
+  });
+  for (int r = 0; r < R; ++r) {
+    C top_raw, tau_raw;
+    if (k == K) {
+      lists[r].extremes_of_merged(top_raw, tau_raw);  // tau is the smallest of the K largest
+    } else {
+      C sorted[K];
+      lists[r].merged(sorted);
+      top_raw = sorted[0];
+      tau_raw = sorted[k - 1];
+    }
+    top[r] = top_raw * norm[r].inv;
+    tau[r] = tau_raw * norm[r].inv;
+  }
+}
+
 /// `raw_scores_to` (it is that function, with a block hook) fused with the
 /// threshold top-k search of `topk_threshold_search<K>` on the scores q_j = raw_j * inv: the
 /// search runs on the raw values as each block is computed (q is raw times the positive inv,
@@ -32,31 +67,11 @@ inline bool fused_row_kernel(Index n) { return n > 0 && n % kExpBlock == 0; }
 template <Index K, class S, class C>
 MOEBAL_ALWAYS_INLINE bool raw_scores_topk(const S* x, Index n, Index k, ScoreFunction score,
                                           C* raw, RowNorm<C>& norm, C& tau, C& top) {
-  using Lists = LaneTopk<K, C>;
-  using Ops = typename Lists::Ops;
-  constexpr Index lanes = Lists::kLanes;
-  static_assert(kExpBlock % lanes == 0, "exp blocks are made of whole top-k lane blocks");
-  MOEBAL_ASSERT(fused_row_kernel(n) && k >= 1 && k <= K);
-  Lists lists;
-  Index depth = 0;  // levels of the lists that hold values
-  const bool valid = raw_scores_to(x, n, score, raw, norm, [&](const ExpBlock<C>& r) {
-    for (Index h = 0; h < kExpBlock; h += lanes) {
-      lists.insert(Ops::load(r.data() + h), depth);
-      depth += depth < K ? 1 : 0;
-    }
-  });
-  C top_raw, tau_raw;
-  if (k == K) {
-    lists.extremes_of_merged(top_raw, tau_raw);  // tau is the smallest of the K largest
-  } else {
-    C sorted[K];
-    lists.merged(sorted);
-    top_raw = sorted[0];
-    tau_raw = sorted[k - 1];
-  }
-  top = top_raw * norm.inv;
-  tau = tau_raw * norm.inv;
-  return valid;
+  const S* rows[1] = {x};
+  C* out[1] = {raw};
+  bool valid[1];
+  raw_scores_topk_rows<K, 1>(rows, n, k, score, out, &norm, &tau, &top, valid);
+  return valid[0];
 }
 
 /// The Switch loss's per-row statistics from a row's raw scores (q_j = raw_j * inv) and its

@@ -242,97 +242,143 @@ MOEBAL_ALWAYS_INLINE C max_of_lanes(const RowBlock<C>& m) {
   return b0 > b1 ? b0 : b1;
 }
 
-/// Computes raw_j for one row of n logits into raw[0..n) (any address; it may be the row of
-/// the caller's output buffer, even the logits' own row: each block is read before it is
-/// written) and the row's normalizer. Returns false if the row is not a valid input: a NaN or
-/// +Inf logit, or (softmax) every logit -Inf. The sum over the row has a fixed order that
-/// depends on n alone (below).
-/// `block(r)` is called with each full block of kExpBlock raw values as it is computed (in row
-/// order; the blocks of 8 and the padded tail that follow when n is not a multiple of
-/// kExpBlock are not passed): a fused kernel's hook (detail/row_kernels.hpp).
-/// The block hook of `raw_scores_to` that does nothing.
+/// The block hook of `raw_scores_to` and `raw_scores_rows` that does nothing.
 struct NoBlockHook {
-  template <class Block>
-  void operator()(const Block&) const noexcept {}
+  template <class... Args>
+  void operator()(const Args&...) const noexcept {}
 };
 
-template <class S, class C, class BlockHook = NoBlockHook>
-MOEBAL_FLATTEN bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw,
-                                  RowNorm<C>& norm, BlockHook&& block = BlockHook()) {
+/// `raw_scores_to` for R rows at once (R = 1 or 2): every row is computed by exactly the
+/// operations, in exactly the order, of the one-row function (the rows are only interleaved,
+/// so that their dependency chains, the maximum's and the sum's reductions and the
+/// reciprocal, overlap), so each row's raw values and normalizer are bitwise those of
+/// `raw_scores_to`. `block(r, b)` is called with row r's full blocks of kExpBlock raw values.
+/// valid[r] as `raw_scores_to`'s result for row r.
+template <int R, class S, class C, class BlockHook>
+MOEBAL_ALWAYS_INLINE void raw_scores_rows(const S* const* x, Index n, ScoreFunction score,
+                                          C* const* raw, RowNorm<C>* norm, bool* valid,
+                                          BlockHook&& block) {
   static_assert(kRowBlock == kReduceLanes, "the row blocks are the reduction's lanes");
+  static_assert(R >= 1 && R <= 2, "one or two rows at once");
   using Block = ExpBlock<C>;
   using Out = Eigen::Map<Block>;
   constexpr C minus_inf = -std::numeric_limits<C>::infinity();
-  C max = C(0);
+  C max[R];
   {
     // First pass: the maximum (exact in any order), in two wide accumulators while pairs of
     // wide blocks fit, then in 8-blocks.
-    Block wa = Block::Constant(minus_inf), wb = wa;
+    Block wa[R], wb[R];
+    for (int r = 0; r < R; ++r) wa[r] = wb[r] = Block::Constant(minus_inf);
     Index j = 0;
     for (; j + 2 * kExpBlock <= n; j += 2 * kExpBlock) {
-      wa = wa.max(load_block<C, kExpBlock>(x + j));
-      wb = wb.max(load_block<C, kExpBlock>(x + j + kExpBlock));
+      for (int r = 0; r < R; ++r) {
+        wa[r] = wa[r].max(load_block<C, kExpBlock>(x[r] + j));
+        wb[r] = wb[r].max(load_block<C, kExpBlock>(x[r] + j + kExpBlock));
+      }
     }
-    wa = wa.max(wb);
-    RowBlock<C> m = RowBlock<C>::Constant(minus_inf);
-    for (Index h = 0; h < kExpBlock; h += kRowBlock) m = m.max(wa.template segment<kRowBlock>(h));
-    for (; j + kRowBlock <= n; j += kRowBlock) m = m.max(load_block<C>(x + j));
-    if (j < n) m = m.max(load_partial<C>(x + j, n - j, minus_inf));
+    RowBlock<C> m[R];
+    for (int r = 0; r < R; ++r) {
+      wa[r] = wa[r].max(wb[r]);
+      m[r] = RowBlock<C>::Constant(minus_inf);
+      for (Index h = 0; h < kExpBlock; h += kRowBlock) {
+        m[r] = m[r].max(wa[r].template segment<kRowBlock>(h));
+      }
+    }
+    for (; j + kRowBlock <= n; j += kRowBlock) {
+      for (int r = 0; r < R; ++r) m[r] = m[r].max(load_block<C>(x[r] + j));
+    }
+    if (j < n) {
+      for (int r = 0; r < R; ++r) m[r] = m[r].max(load_partial<C>(x[r] + j, n - j, minus_inf));
+    }
     // (A fixed tree rather than maxCoeff(), which GCC leaves as a call.)
-    max = max_of_lanes(m);
+    for (int r = 0; r < R; ++r) max[r] = max_of_lanes(m[r]);
   }
   // Second pass: blocks of kExpBlock while they fit, then blocks of 8, the last one padded
   // (a function of n alone, so every pass computes each element the same way). The sum: the
   // wide blocks alternate between two wide accumulators (even and odd blocks), which are added
   // and folded into 8 lanes; the 8-blocks add to those lanes; then a fixed tree.
-  Block sa = Block::Zero(), sb = Block::Zero();
+  Block sa[R], sb[R];
+  for (int r = 0; r < R; ++r) sa[r] = sb[r] = Block::Zero();
   Index j = 0;
   for (; j + 2 * kExpBlock <= n; j += 2 * kExpBlock) {
-    const Block r0 = raw_block<C>(load_block<C, kExpBlock>(x + j), max, score);
-    const Block r1 = raw_block<C>(load_block<C, kExpBlock>(x + j + kExpBlock), max, score);
-    sa += r0;
-    sb += r1;
-    Out(raw + j) = r0;
-    Out(raw + j + kExpBlock) = r1;
-    block(r0);
-    block(r1);
+    for (int r = 0; r < R; ++r) {
+      const Block r0 = raw_block<C>(load_block<C, kExpBlock>(x[r] + j), max[r], score);
+      const Block r1 = raw_block<C>(load_block<C, kExpBlock>(x[r] + j + kExpBlock), max[r], score);
+      sa[r] += r0;
+      sb[r] += r1;
+      Out(raw[r] + j) = r0;
+      Out(raw[r] + j + kExpBlock) = r1;
+      block(r, r0);
+      block(r, r1);
+    }
   }
   if (j + kExpBlock <= n) {
-    const Block r = raw_block<C>(load_block<C, kExpBlock>(x + j), max, score);
-    sa += r;
-    Out(raw + j) = r;
-    block(r);
+    for (int r = 0; r < R; ++r) {
+      const Block b = raw_block<C>(load_block<C, kExpBlock>(x[r] + j), max[r], score);
+      sa[r] += b;
+      Out(raw[r] + j) = b;
+      block(r, b);
+    }
     j += kExpBlock;
   }
-  sa += sb;
-  RowBlock<C> lanes = sa.template segment<kRowBlock>(0);
-  for (Index h = kRowBlock; h < kExpBlock; h += kRowBlock) {
-    lanes += sa.template segment<kRowBlock>(h);
+  RowBlock<C> lanes[R];
+  for (int r = 0; r < R; ++r) {
+    sa[r] += sb[r];
+    lanes[r] = sa[r].template segment<kRowBlock>(0);
+    for (Index h = kRowBlock; h < kExpBlock; h += kRowBlock) {
+      lanes[r] += sa[r].template segment<kRowBlock>(h);
+    }
   }
   for (; j + kRowBlock <= n; j += kRowBlock) {
-    const RowBlock<C> r = raw_block<C>(load_block<C>(x + j), max, score);
-    lanes += r;
-    Eigen::Map<RowBlock<C>>(raw + j) = r;
+    for (int r = 0; r < R; ++r) {
+      const RowBlock<C> b = raw_block<C>(load_block<C>(x[r] + j), max[r], score);
+      lanes[r] += b;
+      Eigen::Map<RowBlock<C>>(raw[r] + j) = b;
+    }
   }
   if (j < n) {
     // Padding lanes: -Inf gives 0 for softmax; the sigmoid's are zeroed before the sum.
     const Index rest = n - j;
-    RowBlock<C> r = raw_block<C>(load_partial<C>(x + j, rest, minus_inf), max, score);
-    for (Index l = rest; l < kRowBlock; ++l) r[l] = C(0);
-    lanes += r;
-    store_partial(r, raw + j, rest);
+    for (int r = 0; r < R; ++r) {
+      RowBlock<C> b = raw_block<C>(load_partial<C>(x[r] + j, rest, minus_inf), max[r], score);
+      for (Index l = rest; l < kRowBlock; ++l) b[l] = C(0);
+      lanes[r] += b;
+      store_partial(b, raw[r] + j, rest);
+    }
   }
-  const C sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  if (score == ScoreFunction::softmax) {
-    // NaN, +Inf (inf - inf) and an all -Inf row (-inf - -inf) all make the sum NaN.
-    norm.shift = max;
-    norm.inv = C(1) / sum;
-    return std::isfinite(sum) && sum > C(0);
+  for (int r = 0; r < R; ++r) {
+    const RowBlock<C>& l = lanes[r];
+    const C sum = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    if (score == ScoreFunction::softmax) {
+      // NaN, +Inf (inf - inf) and an all -Inf row (-inf - -inf) all make the sum NaN.
+      norm[r].shift = max[r];
+      norm[r].inv = C(1) / sum;
+      valid[r] = std::isfinite(sum) && sum > C(0);
+    } else {
+      norm[r].shift = C(0);
+      norm[r].inv = C(1) / (sum + kSigmoidNormEps<C>);
+      valid[r] = std::isfinite(sum) && max[r] != std::numeric_limits<C>::infinity();
+    }
   }
-  norm.shift = C(0);
-  norm.inv = C(1) / (sum + kSigmoidNormEps<C>);
-  return std::isfinite(sum) && max != std::numeric_limits<C>::infinity();
+}
+
+/// Computes raw_j for one row of n logits into raw[0..n) (any address; it may be the row of
+/// the caller's output buffer, even the logits' own row: each block is read before it is
+/// written) and the row's normalizer. Returns false if the row is not a valid input: a NaN or
+/// +Inf logit, or (softmax) every logit -Inf. The sum over the row has a fixed order that
+/// depends on n alone (see `raw_scores_rows`, which this is for one row).
+/// `block(b)` is called with each full block of kExpBlock raw values as it is computed (in row
+/// order; the blocks of 8 and the padded tail that follow when n is not a multiple of
+/// kExpBlock are not passed): a fused kernel's hook (detail/row_kernels.hpp).
+template <class S, class C, class BlockHook = NoBlockHook>
+MOEBAL_FLATTEN bool raw_scores_to(const S* x, Index n, ScoreFunction score, C* raw,
+                                  RowNorm<C>& norm, BlockHook&& block = BlockHook()) {
+  const S* rows[1] = {x};
+  C* out[1] = {raw};
+  bool valid[1];
+  raw_scores_rows<1>(rows, n, score, out, &norm, valid,
+                     [&](int, const ExpBlock<C>& b) { block(b); });
+  return valid[0];
 }
 
 /// Whether a row of n logits is a valid input as `raw_scores_to` judges it, without computing

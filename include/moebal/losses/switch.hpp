@@ -321,7 +321,10 @@ class SwitchAuxLoss {
   struct Lane {
     detail::ScratchArray<Compute> raw;           // N, one row's raw scores (aligned)
     detail::ScratchArray<Compute> raw2;          // N, the next row's (phase 1 alternates)
+    detail::ScratchArray<Compute> raw3;          // N, phase 1's row pairs: two pairs of rows
+    detail::ScratchArray<Compute> raw4;          // N
     detail::RowReader<Scalar, Compute> reader;   // one row converted (half-precision input)
+    detail::RowReader<Scalar, Compute> reader2;  // the second row of a pair
     detail::ScratchArray<Compute> scores;        // N, one row's scores
     Eigen::ArrayXd chunk_sums;                   // N, one chunk's score sums
     Eigen::Array<std::int32_t, Eigen::Dynamic, 1> chunk_counts;  // N, one chunk's top-k counts
@@ -339,7 +342,10 @@ class SwitchAuxLoss {
     detail::ensure_lanes(lanes_, threads, [&](Lane& lane) {
       lane.raw.resize(num_experts_);
       lane.raw2.resize(num_experts_);
+      lane.raw3.resize(num_experts_);
+      lane.raw4.resize(num_experts_);
       lane.reader.resize(num_experts_);
+      lane.reader2.resize(num_experts_);
       lane.scores.resize(num_experts_);
       lane.chunk_sums.resize(num_experts_);
       lane.chunk_counts.resize(num_experts_);
@@ -474,36 +480,24 @@ class SwitchAuxLoss {
     double* cs = lane.chunk_sums.data();
     std::int32_t* cc = lane.chunk_counts.data();
     std::int32_t* cf = lane.chunk_first.data();
-    // Each real row: its scores and (K > 0) the threshold search (tau, the k-th largest score,
-    // and top, the largest), then the statistics. The statistics of a row are taken after the
-    // scores of the next real row, so that the two rows' dependency chains (the maximum, the
-    // exponentials, the sum, its reciprocal, the comparisons) overlap; the raw scores of the
-    // row that waits stay in its output row or in one of two scratch rows.
-    const bool fused = K > 0 && detail::fused_row_kernel(n);
+    // Rows of whole exp blocks: the fused kernel, two rows at a time (accumulate_chunk_pairs).
+    if constexpr (K > 0) {
+      if (detail::fused_row_kernel(n)) {
+        accumulate_chunk_pairs<K>(function, x, mask, raw_out, lane, begin, end);
+        return;
+      }
+    }
+    // Otherwise each real row: its scores and (K > 0) the threshold search (tau, the k-th
+    // largest score, and top, the largest), then the statistics. The statistics of a row are
+    // taken after the scores of the next real row, so that the two rows' dependency chains
+    // (the maximum, the exponentials, the sum, its reciprocal, the comparisons) overlap; the
+    // raw scores of the row that waits stay in its output row or in one of two scratch rows.
     Index pending = -1;  // the real row whose statistics are not taken yet
     Compute pending_tau = Compute(0), pending_top = Compute(0);
     const Compute* pending_raw = nullptr;
     int slot = 0;
     const auto finish = [&](Index t, const Compute* raw, Compute tau, Compute top) {
-      const Compute inv = norms_[static_cast<std::size_t>(t)].inv;
-      lane.chunk_tokens += 1.0;
-      if constexpr (K > 0) {
-        // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
-        // the selection is {j : q_j >= tau} and the first choice the maximum: counted in the
-        // same pass as the score sums (exact int32 counts: a chunk counts at most 512).
-        if (detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cf, cs)) return;
-      } else {
-        (void)tau;  // no threshold search
-        (void)top;
-      }
-      // The rare tie (or k above the threshold method's range, where the scores are summed
-      // here): the exact method on the scores, ties to the lower expert index.
-      Compute* q = lane.scores.data();
-      for (Index j = 0; j < n; ++j) q[j] = raw[j] * inv;
-      if constexpr (K == 0) {
-        for (Index j = 0; j < n; ++j) cs[j] += static_cast<double>(q[j]);
-      }
-      count_exact(lane, q);
+      finish_row<K>(lane, t, raw, tau, top, cc, cf, cs);
     };
     for (Index t = begin; t < end; ++t) {
       detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
@@ -517,22 +511,13 @@ class SwitchAuxLoss {
                                         : (slot == 0 ? lane.raw.data() : lane.raw2.data());
       slot ^= 1;
       Compute tau = Compute(0), top = Compute(0);
-      if (fused) {
-        // Scores and the top-k search in one pass over the row (detail/row_kernels.hpp).
-        if constexpr (K > 0) {
-          if (!detail::raw_scores_topk<K>(row, n, k_, options_.score, raw, norm, tau, top)) {
-            detail::throw_invalid_row(function, row, n, t, options_.score);
-          }
-        }
-      } else {
-        if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
-          detail::throw_invalid_row(function, row, n, t, options_.score);
-        }
-        if constexpr (K > 0) {
-          Compute* q = lane.scores.data();
-          for (Index j = 0; j < n; ++j) q[j] = raw[j] * norm.inv;
-          detail::topk_threshold_search<K>(q, n, k_, tau, top);
-        }
+      if (!detail::raw_scores_to(row, n, options_.score, raw, norm)) {
+        detail::throw_invalid_row(function, row, n, t, options_.score);
+      }
+      if constexpr (K > 0) {
+        Compute* q = lane.scores.data();
+        for (Index j = 0; j < n; ++j) q[j] = raw[j] * norm.inv;
+        detail::topk_threshold_search<K>(q, n, k_, tau, top);
       }
       if (pending >= 0) finish(pending, pending_raw, pending_tau, pending_top);
       pending = t;
@@ -541,6 +526,115 @@ class SwitchAuxLoss {
       pending_top = top;
     }
     if (pending >= 0) finish(pending, pending_raw, pending_tau, pending_top);
+  }
+
+  // The statistics of one real row t from its raw scores and (K > 0) its threshold search:
+  // into the lane's chunk counts and sums (cc, cf, cs: the lane's chunk arrays).
+  template <Index K>
+  MOEBAL_ALWAYS_INLINE void finish_row(Lane& lane, Index t, const Compute* raw, Compute tau,
+                                       Compute top, std::int32_t* cc, std::int32_t* cf,
+                                       double* cs) {
+    const Index n = num_experts_;
+    const Compute inv = norms_[static_cast<std::size_t>(t)].inv;
+    lane.chunk_tokens += 1.0;
+    if constexpr (K > 0) {
+      // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
+      // the selection is {j : q_j >= tau} and the first choice the maximum: counted in the
+      // same pass as the score sums (exact int32 counts: a chunk counts at most 512).
+      if (detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cf, cs)) return;
+    } else {
+      (void)tau;  // no threshold search
+      (void)top;
+    }
+    // The rare tie (or k above the threshold method's range, where the scores are summed
+    // here): the exact method on the scores, ties to the lower expert index.
+    Compute* q = lane.scores.data();
+    for (Index j = 0; j < n; ++j) q[j] = raw[j] * inv;
+    if constexpr (K == 0) {
+      for (Index j = 0; j < n; ++j) cs[j] += static_cast<double>(q[j]);
+    }
+    count_exact(lane, q);
+  }
+
+  // accumulate_chunk for rows of whole exp blocks (K > 0): the real rows are taken two at a
+  // time by the fused scores + threshold kernel, whose two rows' dependency chains overlap
+  // (each row's values are bitwise those of the one-row kernel); a pair's statistics are
+  // taken after the next pair's scores, so the statistics of every row are still taken in
+  // row order and the sums are those of the one-row loop. An odd last real row takes the
+  // one-row kernel.
+  template <Index K>
+  void accumulate_chunk_pairs(const char* function, const detail::RowInput<Scalar>& x,
+                              const TokenMask& mask, RowMatrixRef<Compute>* raw_out, Lane& lane,
+                              Index begin, Index end) {
+    const Index n = num_experts_;
+    double* cs = lane.chunk_sums.data();
+    std::int32_t* cc = lane.chunk_counts.data();
+    std::int32_t* cf = lane.chunk_first.data();
+    Compute* scratch[2][2] = {{lane.raw.data(), lane.raw2.data()},
+                              {lane.raw3.data(), lane.raw4.data()}};
+    const auto raw_row = [&](Index t, int pair_slot, int r) {
+      return raw_out != nullptr ? raw_out->data() + t * raw_out->outerStride()
+                                : scratch[pair_slot][r];
+    };
+    Index pending[2];  // the real rows (0, 1 or 2) whose statistics are not taken yet
+    int pending_count = 0;
+    const Compute* pending_raw[2] = {nullptr, nullptr};
+    Compute pending_tau[2] = {}, pending_top[2] = {};
+    const auto finish_pending = [&]() {
+      for (int r = 0; r < pending_count; ++r) {
+        finish_row<K>(lane, pending[r], pending_raw[r], pending_tau[r], pending_top[r], cc, cf,
+                      cs);
+      }
+      pending_count = 0;
+    };
+    int slot = 0;
+    Index pair[2];
+    int have = 0;
+    for (Index t = begin; t < end; ++t) {
+      if (!mask.is_real(t)) {
+        // inv == 0 marks padding; the row is never read
+        norms_[static_cast<std::size_t>(t)] = detail::RowNorm<Compute>{};
+        continue;
+      }
+      pair[have++] = t;
+      if (have < 2) continue;
+      have = 0;
+      const Compute* rows[2] = {lane.reader.read(x.data() + pair[0] * x.outerStride(), n),
+                                lane.reader2.read(x.data() + pair[1] * x.outerStride(), n)};
+      Compute* raw[2] = {raw_row(pair[0], slot, 0), raw_row(pair[1], slot, 1)};
+      slot ^= 1;
+      detail::RowNorm<Compute> norm[2];
+      Compute tau[2], top[2];
+      bool valid[2];
+      detail::raw_scores_topk_rows<K, 2>(rows, n, k_, options_.score, raw, norm, tau, top,
+                                         valid);
+      for (int r = 0; r < 2; ++r) {
+        if (!valid[r]) detail::throw_invalid_row(function, rows[r], n, pair[r], options_.score);
+        norms_[static_cast<std::size_t>(pair[r])] = norm[r];
+      }
+      finish_pending();
+      for (int r = 0; r < 2; ++r) {
+        pending[r] = pair[r];
+        pending_raw[r] = raw[r];
+        pending_tau[r] = tau[r];
+        pending_top[r] = top[r];
+      }
+      pending_count = 2;
+    }
+    if (have == 1) {
+      const Index t = pair[0];
+      const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
+      Compute* raw = raw_row(t, slot, 0);
+      detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+      Compute tau, top;
+      if (!detail::raw_scores_topk<K>(row, n, k_, options_.score, raw, norm, tau, top)) {
+        detail::throw_invalid_row(function, row, n, t, options_.score);
+      }
+      finish_pending();
+      finish_row<K>(lane, t, raw, tau, top, cc, cf, cs);
+    } else {
+      finish_pending();
+    }
   }
 
   // The exact top-k of one row's scores q into the lane's chunk counts.
