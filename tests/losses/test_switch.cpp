@@ -577,6 +577,15 @@ TEMPLATE_TEST_CASE("switch_aux_loss: rows of whole blocks, taken in pairs: count
       CHECK_THROWS_WITH(loss.forward(y, moebal::TokenMask(mask)),
                         Catch::Contains("got inf at row " + std::to_string(bad) + ", column 5"));
     }
+    // backward recomputes the scores in pairs too: a bad row given to backward is named.
+    for (const Index bad : {Index(3), Index(4)}) {
+      moebal::SwitchAuxLoss<T> loss(cols, 2);
+      loss.forward(x, moebal::TokenMask(mask));
+      RowMatrix<T> y = x, grad(rows, cols);
+      y(bad, 7) = std::numeric_limits<T>::quiet_NaN();
+      CHECK_THROWS_WITH(loss.backward(y, grad),
+                        Catch::Contains("got nan at row " + std::to_string(bad) + ", column 7"));
+    }
     // Two bad rows in one pair: the lower row is named.
     RowMatrix<T> y = x;
     y(3, 1) = -inf;

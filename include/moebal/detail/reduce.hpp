@@ -45,5 +45,21 @@ C lane_dot(const C* a, const C* b, Index n) {
   return combine_lanes(lanes);
 }
 
+/// lane_dot(a, b[r], n) for R rows b[0..R) (R = 1 or 2), inlined one after the other so that
+/// the rows' add chains overlap: out[r] is bitwise lane_dot(a, b[r], n).
+template <int R, class C>
+MOEBAL_ALWAYS_INLINE void lane_dot_rows(const C* a, const C* const* b, Index n, C* out) {
+  for (int r = 0; r < R; ++r) {
+    C lanes[kReduceLanes] = {};
+    const C* row = b[r];
+    Index j = 0;
+    for (; j + kReduceLanes <= n; j += kReduceLanes) {
+      for (Index l = 0; l < kReduceLanes; ++l) lanes[l] += a[j + l] * row[j + l];
+    }
+    for (Index l = 0; j < n; ++j, ++l) lanes[l] += a[j] * row[j];
+    out[r] = combine_lanes(lanes);
+  }
+}
+
 }  // namespace detail
 }  // namespace moebal

@@ -683,42 +683,78 @@ class SwitchAuxLoss {
       Lane& lane = lanes_[static_cast<std::size_t>(thread)];
       const Index begin = chunk * detail::kSwitchChunkRows;
       const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
-      for (Index t = begin; t < end; ++t) {
-        const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-        Out* dx = out.data() + t * out.outerStride();
-        if (norm.inv == Compute(0)) {  // padded token
-          if constexpr (!Accumulate) std::fill(dx, dx + n, Out(0));
-          continue;
-        }
-        const Compute* raw = lane.raw.data();
-        if constexpr (std::is_same_v<Out, Compute>) {
-          if (raw_in_out) raw = dx;
+      // R real rows (t[0..R), R = 1 or 2) at once: two rows' reductions (the recomputed
+      // scores' and the dot products') are interleaved, each row computed as alone.
+      const auto apply_real = [&](auto count, const Index* t) {
+        constexpr int R = decltype(count)::value;
+        const Compute* raw[R];
+        Out* dx[R];
+        for (int r = 0; r < R; ++r) dx[r] = out.data() + t[r] * out.outerStride();
+        if (raw_in_out) {
+          if constexpr (std::is_same_v<Out, Compute>) {
+            for (int r = 0; r < R; ++r) raw[r] = dx[r];
+          } else {
+            MOEBAL_ASSERT(false);
+          }
         } else {
-          MOEBAL_ASSERT(!raw_in_out);
-        }
-        if (!raw_in_out) {
-          detail::RowNorm<Compute> again;
-          const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
-          if (!detail::raw_scores(row, n, options_.score, lane.raw, again)) {
-            detail::throw_invalid_row(function, row, n, t, options_.score);
+          const Compute* row[R];
+          Compute* scratch[2] = {lane.raw.data(), lane.raw2.data()};
+          row[0] = lane.reader.read(x.data() + t[0] * x.outerStride(), n);
+          if constexpr (R == 2) row[1] = lane.reader2.read(x.data() + t[1] * x.outerStride(), n);
+          detail::RowNorm<Compute> again[R];
+          bool valid[R];
+          detail::raw_scores_rows<R>(row, n, options_.score, scratch, again, valid,
+                                     detail::NoBlockHook());
+          for (int r = 0; r < R; ++r) {
+            if (!valid[r]) detail::throw_invalid_row(function, row[r], n, t[r], options_.score);
+            raw[r] = scratch[r];
           }
-          raw = lane.raw.data();
         }
-        const Compute g_dot_q = detail::dot_with_scores(f_compute_.data(), raw, norm, n);
-        if (z_factor != 0.0) {
-          // The combined objective's z-loss (softmax scores only) in the same pass (raw may
-          // be dx itself): d L / d x_tj += w_z (2 / T) lse_t q_tj.
-          const Compute c = static_cast<Compute>(z_factor * double(lse_of(norm)));
-          const Compute* f = f_compute_.data();
-          for (Index j = 0; j < n; ++j) {
-            const Compute q = raw[j] * norm.inv;
-            detail::store<Accumulate>(dx[j], Compute(factor * q * (f[j] - g_dot_q) + c * q));
+        Compute dots[R];
+        detail::lane_dot_rows<R>(f_compute_.data(), raw, n, dots);
+        for (int r = 0; r < R; ++r) {
+          const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t[r])];
+          const Compute g_dot_q = dots[r] * norm.inv;  // dot_with_scores
+          if (z_factor != 0.0) {
+            // The combined objective's z-loss (softmax scores only) in the same pass (raw may
+            // be dx itself): d L / d x_tj += w_z (2 / T) lse_t q_tj.
+            const Compute c = static_cast<Compute>(z_factor * double(lse_of(norm)));
+            const Compute* f = f_compute_.data();
+            const Compute* q_raw = raw[r];
+            Out* d = dx[r];
+            for (Index j = 0; j < n; ++j) {
+              const Compute q = q_raw[j] * norm.inv;
+              detail::store<Accumulate>(d[j], Compute(factor * q * (f[j] - g_dot_q) + c * q));
+            }
+            continue;
+          }
+          detail::score_vjp_row<Accumulate>(raw[r], norm, f_compute_.data(), g_dot_q, factor,
+                                            options_.score, n, dx[r]);
+        }
+      };
+      Index pair[2];
+      int have = 0;
+      for (Index t = begin; t < end; ++t) {
+        if (norms_[static_cast<std::size_t>(t)].inv == Compute(0)) {  // padded token
+          if constexpr (!Accumulate) {
+            Out* dx = out.data() + t * out.outerStride();
+            std::fill(dx, dx + n, Out(0));
           }
           continue;
         }
-        detail::score_vjp_row<Accumulate>(raw, norm, f_compute_.data(), g_dot_q, factor,
-                                          options_.score, n, dx);
+        pair[have++] = t;
+        // Pairs where the scores are recomputed; one row at a time where they are read from
+        // the output buffer (no faster in pairs: that pass waits on memory).
+        if (have == 2 || raw_in_out) {
+          if (have == 2) {
+            apply_real(std::integral_constant<int, 2>{}, pair);
+          } else {
+            apply_real(std::integral_constant<int, 1>{}, pair);
+          }
+          have = 0;
+        }
       }
+      if (have == 1) apply_real(std::integral_constant<int, 1>{}, pair);
     });
   }
 
