@@ -567,6 +567,21 @@ TEMPLATE_TEST_CASE("switch_aux_loss: rows of whole blocks, taken in pairs: count
         }
       }
     }
+    // A collapsed batch: every token's first choice is expert 3 and its second expert 5, so
+    // a full chunk counts 512 for both (the chunk's packed counts hold up to 65535 each).
+    {
+      RowMatrix<T> c = x_real;
+      c.col(3).setConstant(T(10));
+      c.col(5).setConstant(T(9));
+      moebal::SwitchAuxLoss<T> loss(cols, 2);
+      loss.forward(c);
+      const moebal::SwitchStats st = loss.stats();
+      moebal::CountVector expected = moebal::CountVector::Zero(cols);
+      expected[3] = expected[5] = rows;
+      CHECK(st.tokens_per_expert == expected);
+      expected[5] = 0;
+      CHECK(st.first_choice_tokens == expected);
+    }
     // A bad row in the first or the second place of a pair (rows 0 and 1 are real and form
     // the first pair; so do 3 and 4).
     REQUIRE((mask[0] == 1 && mask[1] == 1 && mask[3] == 1 && mask[4] == 1 && mask[2] == 0));

@@ -74,25 +74,28 @@ MOEBAL_ALWAYS_INLINE bool raw_scores_topk(const S* x, Index n, Index k, ScoreFun
   return valid[0];
 }
 
+/// A chunk's top-k and first-choice counts packed in one int32 per expert: the top-k count in
+/// the low 16 bits, the first-choice count above them (a chunk has at most 65535 rows).
+inline constexpr std::int32_t kFirstChoiceUnit = std::int32_t(1) << 16;
+inline constexpr std::int32_t kTopkCountMask = kFirstChoiceUnit - 1;
+
 /// The Switch loss's per-row statistics from a row's raw scores (q_j = raw_j * inv) and its
 /// threshold search (tau, the k-th largest score, and top, the largest): sums[j] += q_j for
 /// every j; if the threshold selection is exact (exactly k scores >= tau and exactly one equal
-/// to top, as `topk_threshold` verifies) counts[j] += [q_j >= tau], first[j] += [q_j == top]
-/// and the result is true; otherwise the counts are left unchanged and the result is false
-/// (the caller then takes the exact method). One loop that compilers vectorize (the arrays
-/// must not overlap).
+/// to top, as `topk_threshold` verifies) counts[j] += [q_j >= tau] + [q_j == top] *
+/// kFirstChoiceUnit (the packed counts above) and the result is true; otherwise the counts are
+/// left unchanged and the result is false (the caller then takes the exact method). One loop
+/// that compilers vectorize (the arrays must not overlap).
 template <class C>
 MOEBAL_ALWAYS_INLINE bool count_threshold_row(const C* MOEBAL_RESTRICT raw, Index n, Index k,
                                               C inv, C tau, C top,
                                               std::int32_t* MOEBAL_RESTRICT counts,
-                                              std::int32_t* MOEBAL_RESTRICT first,
                                               double* MOEBAL_RESTRICT sums) {
   std::int32_t sel = 0, att = 0;
   for (Index j = 0; j < n; ++j) {
     const C q = raw[j] * inv;
     const std::int32_t in_topk = q >= tau ? 1 : 0, is_top = q == top ? 1 : 0;
-    counts[j] += in_topk;
-    first[j] += is_top;
+    counts[j] += in_topk + is_top * kFirstChoiceUnit;
     sel += in_topk;
     att += is_top;
     sums[j] += static_cast<double>(q);
@@ -100,8 +103,7 @@ MOEBAL_ALWAYS_INLINE bool count_threshold_row(const C* MOEBAL_RESTRICT raw, Inde
   if (sel == k && att == 1) return true;
   for (Index j = 0; j < n; ++j) {
     const C q = raw[j] * inv;
-    counts[j] -= q >= tau ? 1 : 0;
-    first[j] -= q == top ? 1 : 0;
+    counts[j] -= (q >= tau ? 1 : 0) + (q == top ? kFirstChoiceUnit : 0);
   }
   return false;
 }

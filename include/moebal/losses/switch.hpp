@@ -184,6 +184,7 @@ inline SwitchStats make_switch_stats(const RoutingStatistics& statistics, const 
 /// detail/parallel.hpp) whose partial sums are combined in block order, so sums do not depend
 /// on how the blocks are spread over threads.
 inline constexpr Index kSwitchChunkRows = 512;
+static_assert(kSwitchChunkRows < kTopkCountMask, "a chunk's packed counts fit in 16 bits");
 
 }  // namespace detail
 
@@ -327,8 +328,8 @@ class SwitchAuxLoss {
     detail::RowReader<Scalar, Compute> reader2;  // the second row of a pair
     detail::ScratchArray<Compute> scores;        // N, one row's scores
     Eigen::ArrayXd chunk_sums;                   // N, one chunk's score sums
-    Eigen::Array<std::int32_t, Eigen::Dynamic, 1> chunk_counts;  // N, one chunk's top-k counts
-    Eigen::Array<std::int32_t, Eigen::Dynamic, 1> chunk_first;   // N, one chunk's first choices
+    // N, one chunk's top-k and first-choice counts, packed (detail::kFirstChoiceUnit)
+    Eigen::Array<std::int32_t, Eigen::Dynamic, 1> chunk_counts;
     double chunk_tokens = 0.0;                   // real tokens of the chunk
     Eigen::ArrayXd thread_counts;                // N, this thread's top-k counts (exact)
     Eigen::ArrayXd thread_first;                 // N, this thread's first-choice counts
@@ -349,7 +350,6 @@ class SwitchAuxLoss {
       lane.scores.resize(num_experts_);
       lane.chunk_sums.resize(num_experts_);
       lane.chunk_counts.resize(num_experts_);
-      lane.chunk_first.resize(num_experts_);
       lane.thread_counts.resize(num_experts_);
       lane.thread_first.resize(num_experts_);
       lane.selected.resize(static_cast<std::size_t>(k_));
@@ -420,8 +420,11 @@ class SwitchAuxLoss {
           accumulate_chunk<0>(function, x, mask, raw_out, lane, begin, end);
         }
         block_sum += lane.chunk_sums;
-        lane.thread_counts += lane.chunk_counts.template cast<double>();
-        lane.thread_first += lane.chunk_first.template cast<double>();
+        for (Index j = 0; j < n; ++j) {  // unpack (detail::kFirstChoiceUnit)
+          const std::int32_t packed = lane.chunk_counts[j];
+          lane.thread_counts[j] += double(packed & detail::kTopkCountMask);
+          lane.thread_first[j] += double(packed >> 16);
+        }
         lane.thread_tokens += lane.chunk_tokens;
       }
       if (use_z) {
@@ -475,11 +478,9 @@ class SwitchAuxLoss {
     const Index n = num_experts_;
     lane.chunk_sums.setZero();
     lane.chunk_counts.setZero();
-    lane.chunk_first.setZero();
     lane.chunk_tokens = 0.0;
     double* cs = lane.chunk_sums.data();
     std::int32_t* cc = lane.chunk_counts.data();
-    std::int32_t* cf = lane.chunk_first.data();
     // Rows of whole exp blocks: the fused kernel, two rows at a time (accumulate_chunk_pairs).
     if constexpr (K > 0) {
       if (detail::fused_row_kernel(n)) {
@@ -497,7 +498,7 @@ class SwitchAuxLoss {
     const Compute* pending_raw = nullptr;
     int slot = 0;
     const auto finish = [&](Index t, const Compute* raw, Compute tau, Compute top) {
-      finish_row<K>(lane, t, raw, tau, top, cc, cf, cs);
+      finish_row<K>(lane, t, raw, tau, top, cc, cs);
     };
     for (Index t = begin; t < end; ++t) {
       detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
@@ -529,19 +530,18 @@ class SwitchAuxLoss {
   }
 
   // The statistics of one real row t from its raw scores and (K > 0) its threshold search:
-  // into the lane's chunk counts and sums (cc, cf, cs: the lane's chunk arrays).
+  // into the lane's chunk counts and sums (cc, cs: the lane's chunk arrays).
   template <Index K>
   MOEBAL_ALWAYS_INLINE void finish_row(Lane& lane, Index t, const Compute* raw, Compute tau,
-                                       Compute top, std::int32_t* cc, std::int32_t* cf,
-                                       double* cs) {
+                                       Compute top, std::int32_t* cc, double* cs) {
     const Index n = num_experts_;
     const Compute inv = norms_[static_cast<std::size_t>(t)].inv;
     lane.chunk_tokens += 1.0;
     if constexpr (K > 0) {
       // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
       // the selection is {j : q_j >= tau} and the first choice the maximum: counted in the
-      // same pass as the score sums (exact int32 counts: a chunk counts at most 512).
-      if (detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cf, cs)) return;
+      // same pass as the score sums (exact packed int32 counts: a chunk counts at most 512).
+      if (detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cs)) return;
     } else {
       (void)tau;  // no threshold search
       (void)top;
@@ -569,7 +569,6 @@ class SwitchAuxLoss {
     const Index n = num_experts_;
     double* cs = lane.chunk_sums.data();
     std::int32_t* cc = lane.chunk_counts.data();
-    std::int32_t* cf = lane.chunk_first.data();
     Compute* scratch[2][2] = {{lane.raw.data(), lane.raw2.data()},
                               {lane.raw3.data(), lane.raw4.data()}};
     const auto raw_row = [&](Index t, int pair_slot, int r) {
@@ -582,8 +581,7 @@ class SwitchAuxLoss {
     Compute pending_tau[2] = {}, pending_top[2] = {};
     const auto finish_pending = [&]() {
       for (int r = 0; r < pending_count; ++r) {
-        finish_row<K>(lane, pending[r], pending_raw[r], pending_tau[r], pending_top[r], cc, cf,
-                      cs);
+        finish_row<K>(lane, pending[r], pending_raw[r], pending_tau[r], pending_top[r], cc, cs);
       }
       pending_count = 0;
     };
@@ -631,7 +629,7 @@ class SwitchAuxLoss {
         detail::throw_invalid_row(function, row, n, t, options_.score);
       }
       finish_pending();
-      finish_row<K>(lane, t, raw, tau, top, cc, cf, cs);
+      finish_row<K>(lane, t, raw, tau, top, cc, cs);
     } else {
       finish_pending();
     }
@@ -641,7 +639,7 @@ class SwitchAuxLoss {
   void count_exact(Lane& lane, const Compute* q) {
     detail::topk_row_exact(q, num_experts_, k_, lane.selected.data(), lane.topk);
     for (Index s = 0; s < k_; ++s) lane.chunk_counts[lane.selected[std::size_t(s)]] += 1;
-    lane.chunk_first[lane.selected[0]] += 1;
+    lane.chunk_counts[lane.selected[0]] += detail::kFirstChoiceUnit;
   }
 
   // log sum_j exp(x_tj) from a softmax row's normalizer.
