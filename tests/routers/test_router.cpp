@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -7,6 +8,7 @@
 
 #include "moebal/core/scores.hpp"
 #include "moebal/routers/expert_bias.hpp"
+#include "moebal/routers/presets.hpp"
 #include "moebal/routers/router.hpp"
 #include "moebal/testing/gradcheck.hpp"
 #include "support/fake_ranks.hpp"
@@ -325,4 +327,118 @@ TEST_CASE("ExpertBiasBalancer: counts summed across ranks", "[router][bias]") {
     CHECK(errors[std::size_t(r)].empty());
     CHECK(biases[std::size_t(r)] == (Eigen::VectorXd(4) << -0.5, 0.5, 0.5, -0.5).finished());
   }
+}
+
+namespace {
+
+template <class S>
+bool same_bits(const RowMatrix<S>& a, const RowMatrix<S>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), sizeof(S) * std::size_t(a.size())) == 0;
+}
+
+// The selected-logits path (selection on the logits without a bias or groups, softmax of the
+// selected logits, k <= 16) against the generic path, forced by a zero bias (x + 0 selects as x):
+// indices, weights, backward and backward_accumulate, bit for bit.
+template <class S>
+void check_selected_logits_path(Index tokens, Index experts, Index k, const RouterOptions& o,
+                                unsigned seed) {
+  RowMatrix<S> x = (random_logits(tokens, experts, 2.0, seed) * 3.0).cast<S>();
+  // Ties inside and around the top k, -Inf logits, a row with one finite logit among -Inf.
+  for (Index j = 0; j < experts; j += 3) x(1, j) = S(1.25);
+  for (Index j = 1; j < experts; j += 2) x(2, j) = -std::numeric_limits<S>::infinity();
+  for (Index j = 1; j < experts; ++j) x(3, j) = -std::numeric_limits<S>::infinity();
+  x(3, 0) = S(-0.5);
+  RouterOptions generic = o;
+  generic.expert_bias = Eigen::VectorXd::Zero(experts);
+  moebal::Router<S> fast(experts, k, o), slow(experts, k, generic);
+  IndexMatrix fi(tokens, k), si(tokens, k);
+  RowMatrix<S> fw(tokens, k), sw(tokens, k);
+  fast.forward(x, fi, fw);
+  slow.forward(x, si, sw);
+  CHECK(fi == si);
+  CHECK(same_bits(fw, sw));
+  // Backward with the forward's indices, and with a caller's indices naming an expert twice.
+  IndexMatrix repeated = fi;
+  for (Index t = 0; t < tokens; t += 2) repeated(t, k - 1) = repeated(t, 0);
+  const RowMatrix<S> G = random_logits(tokens, k, 1.0, seed + 1).cast<S>();
+  for (const IndexMatrix* idx : {&fi, &repeated}) {
+    RowMatrix<S> fg = RowMatrix<S>::Constant(tokens, experts, S(7)), sg = fg;
+    fast.backward(x, *idx, G, fg, S(0.5));
+    slow.backward(x, *idx, G, sg, S(0.5));
+    CHECK(same_bits(fg, sg));
+    RowMatrix<S> fa = random_logits(tokens, experts, 1.0, seed + 2).cast<S>(), sa = fa;
+    fast.backward_accumulate(x, *idx, G, fa, S(2));
+    slow.backward_accumulate(x, *idx, G, sa, S(2));
+    CHECK(same_bits(fa, sa));
+    // Every element written: the unselected experts of a row get exactly 0.
+    for (Index t = 0; t < tokens; ++t) {
+      for (Index j = 0; j < experts; ++j) {
+        bool selected = false;
+        for (Index i = 0; i < k; ++i) selected = selected || (*idx)(t, i) == j;
+        if (!selected) CHECK(fg(t, j) == S(0));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Router: the selected-logits path gives the generic path's bits", "[router]") {
+  for (const Index k : {Index(2), Index(3), Index(8), Index(16)}) {
+    for (const Index experts : {Index(16), Index(20), Index(64)}) {
+      if (k > experts) continue;
+      for (const bool normalize : {false, true}) {
+        RouterOptions o = moebal::presets::megatron_softmax(false, 2.5);
+        o.normalize = normalize;
+        o.normalize_epsilon = 1e-20;
+        CAPTURE(k, experts, normalize);
+        check_selected_logits_path<float>(37, experts, k, o, unsigned(100 + k + experts));
+        check_selected_logits_path<double>(37, experts, k, o, unsigned(200 + k + experts));
+        // The sigmoid score: its validation rules, the same weights.
+        o.score = RouterScore::sigmoid;
+        check_selected_logits_path<float>(37, experts, k, o, unsigned(300 + k + experts));
+      }
+    }
+  }
+}
+
+TEST_CASE("Router backward, selected-logits router: reads and checks the selected logits only",
+          "[router]") {
+  // Its gradient depends on the k selected logits alone (the others get 0, as in autograd):
+  // backward validates those, names a NaN or +Inf among them, and ignores the others.
+  const RowMatrix<double> x = random_logits(4, 8, 1.5, 31);
+  const auto o = moebal::presets::megatron_softmax();
+  moebal::Router<double> router(8, 2, o);
+  IndexMatrix idx(4, 2);
+  RowMatrix<double> w(4, 2);
+  router.forward(x, idx, w);
+  const RowMatrix<double> G = random_logits(4, 2, 1.0, 32);
+  RowMatrix<double> clean(4, 8), g(4, 8);
+  router.backward(x, idx, G, clean);
+  Index other = 0;
+  while (other == idx(1, 0) || other == idx(1, 1)) ++other;
+  RowMatrix<double> bad = x;
+  bad(1, other) = std::nan("");
+  router.backward(bad, idx, G, g);
+  CHECK(same_bits(g, clean));
+  for (const double v : {std::nan(""), std::numeric_limits<double>::infinity()}) {
+    bad = x;
+    bad(2, idx(2, 1)) = v;
+    CHECK_THROWS_WITH(router.backward(bad, idx, G, g),
+                      "moebal::Router::backward: argument 'logits': expected finite values or -Inf "
+                      "(no NaN, no +Inf), got " +
+                          std::string(std::isnan(v) ? "nan" : "inf") + " at row 2, column " +
+                          std::to_string(idx(2, 1)));
+  }
+  bad = x;
+  bad(3, idx(3, 0)) = bad(3, idx(3, 1)) = -std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH(router.backward(bad, idx, G, g),
+                    Catch::Contains("only -Inf selected at row 3"));
+  // A router that computes the scores over all experts still checks the whole row.
+  moebal::Router<double> scores(8, 2, moebal::presets::megatron_softmax(true));
+  scores.forward(x, idx, w);
+  bad = x;
+  bad(1, other) = std::nan("");
+  CHECK_THROWS_WITH(scores.backward(bad, idx, G, g), Catch::Contains("got nan at row 1"));
 }

@@ -191,9 +191,15 @@ TEMPLATE_TEST_CASE("Router threads: the first bad row is reported whatever the t
       CHECK_THROWS_WITH(moebal::route(x, c.k, c.options),
                         Catch::StartsWith("moebal::route:") &&
                             Catch::Contains("nan at row 700, column 3"));
-      CHECK_THROWS_WITH(router.backward(x, indices, upstream, grad),
+      // Backward: NaN at selected experts of rows 1300 and 700 (the selected-logits router
+      // reads only those; the others read every logit).
+      RowMatrix<T> xb = good;
+      xb(1300, indices(1300, 0)) = std::numeric_limits<T>::quiet_NaN();
+      xb(700, indices(700, 1)) = std::numeric_limits<T>::quiet_NaN();
+      CHECK_THROWS_WITH(router.backward(xb, indices, upstream, grad),
                         Catch::StartsWith("moebal::Router::backward:") &&
-                            Catch::Contains("nan at row 700, column 3"));
+                            Catch::Contains("nan at row 700, column " +
+                                            std::to_string(indices(700, 1))));
       CHECK_THROWS_WITH(router.backward(good, bad_indices, upstream, grad),
                         Catch::StartsWith("moebal::Router::backward:") &&
                             Catch::Contains("got -1 at row 700, slot 1"));

@@ -37,6 +37,19 @@
 
 namespace moebal {
 
+namespace detail {
+/// Internal: asks for the cache line holding `address` ahead of a scattered read (no effect
+/// where the compiler has no prefetch builtin; never faults).
+template <class T>
+MOEBAL_ALWAYS_INLINE void prefetch(const T* address) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(static_cast<const void*>(address));
+#else
+  (void)address;
+#endif
+}
+}  // namespace detail
+
 /// Token, expert and count indices are 64-bit everywhere.
 using Index = std::int64_t;
 

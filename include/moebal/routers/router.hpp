@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -266,6 +267,11 @@ class Router {
   /// forward: dloss_dlogits = scale * J^T dloss_dweights (every element written).
   /// @param dloss_dweights T x k of Scalar or Compute (read in Compute).
   /// @param dloss_dlogits T x N row-major buffer of Scalar or Compute.
+  /// @throws moebal::invalid_argument for bad shapes, an index outside [0, N), NaN or +Inf
+  ///   logits. With selection on the logits and softmax_of_selected weights (Megatron-core's
+  ///   default router) the gradient depends on the k selected logits of a row alone: only those
+  ///   are read and checked (the others get 0 whatever they hold, as in autograd); the other
+  ///   routers check every logit, as forward does.
   template <class Derived, class DerivedG, class Out>
   void backward(const Eigen::MatrixBase<Derived>& logits,
                 const Eigen::Ref<const IndexMatrix>& indices,
@@ -301,6 +307,27 @@ class Router {
     detail::check_logits_columns(function, x.rows(), x.cols(), n_);
     detail::check_output_shape(function, "indices", indices.rows(), indices.cols(), x.rows(), k_);
     detail::check_output_shape(function, "weights", weights.rows(), weights.cols(), x.rows(), k_);
+    if (selected_logits_path()) {
+      // Megatron-core's default router: the generic steps below on local arrays of k slots.
+      const ScoreFunction score = validation_score();
+      for_row_chunks(x.rows(), [&](Lane& lane, Index begin, Index end) {
+        Index selected[kLocalSlots];
+        Compute raw[kLocalSlots], u[kLocalSlots];
+        for (Index t = begin; t < end; ++t) {
+          const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
+          if (!detail::valid_logits_row(row, n_, score == ScoreFunction::softmax)) {
+            detail::throw_invalid_row(function, row, n_, t, score);  // as scores_row
+          }
+          detail::topk_row(row, n_, k_, selected, lane.topk);
+          weights_of(function, row, selected, nullptr, t, raw, u);
+          for (Index i = 0; i < k_; ++i) {
+            indices(t, i) = selected[i];
+            weights(t, i) = static_cast<OutW>(u[i]);
+          }
+        }
+      });
+      return;
+    }
     for_row_chunks(x.rows(), [&](Lane& lane, Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
         const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
@@ -377,9 +404,7 @@ class Router {
       // Selection on the logits and softmax-of-selected weights (Megatron-core's default,
       // Mixtral): the scores over all experts are never read, only the row is validated as
       // computing them would (same error for the same row).
-      const ScoreFunction score = options_.score == RouterScore::softmax
-                                      ? ScoreFunction::softmax
-                                      : ScoreFunction::sigmoid;
+      const ScoreFunction score = validation_score();
       if (!detail::valid_logits_row(row, n_, score == ScoreFunction::softmax)) {
         detail::throw_invalid_row(function, row, n_, t, score);
       }
@@ -455,15 +480,23 @@ class Router {
   }
 
   // lane.u = the k weights of the row (after normalization and scaling); keeps the
-  // unnormalized weights in lane.raw and their sum in lane.sum for backward. Throws (naming row
-  // t) where the weights are undefined: a softmax over k selected logits that are all -Inf, or a
-  // normalization whose denominator is 0 (every selected score 0 with epsilon 0).
+  // unnormalized weights in lane.raw and their sum in lane.sum for backward (see weights_of).
   void weights_row(Lane& lane, const char* function, const Compute* row, Index t) const {
-    const std::vector<Index>& selected = lane.selected;
-    auto& raw = lane.raw;
+    lane.sum = weights_of(function, row, lane.selected.data(), lane.s.data(), t, lane.raw.data(),
+                          lane.u.data());
+  }
+
+  // The k weights of one row, on plain arrays of k slots: raw = the unnormalized weights
+  // (softmax over the selected logits of `row`, or the selected scores of `s`), u = the weights
+  // after normalization and scaling; returns the sum of raw in slot order. Throws (naming row
+  // t) where the weights are undefined: a softmax over k selected logits that are all -Inf, or
+  // a normalization whose denominator is 0 (every selected score 0 with epsilon 0).
+  MOEBAL_ALWAYS_INLINE Compute weights_of(const char* function, const Compute* row,
+                                          const Index* selected, const Compute* s, Index t,
+                                          Compute* raw, Compute* u) const {
     if (options_.weights == RouterWeights::softmax_of_selected) {
       Compute max = -std::numeric_limits<Compute>::infinity();
-      for (Index i = 0; i < k_; ++i) max = std::max(max, row[selected[std::size_t(i)]]);
+      for (Index i = 0; i < k_; ++i) max = std::max(max, row[selected[i]]);
       if (max == -std::numeric_limits<Compute>::infinity()) {
         detail::throw_invalid(function, "logits",
                               "a finite logit among the k selected experts (softmax_of_selected "
@@ -472,43 +505,143 @@ class Router {
       }
       Compute sum = Compute(0);
       for (Index i = 0; i < k_; ++i) {
-        raw[i] = std::exp(row[selected[std::size_t(i)]] - max);
+        // exp(0) = 1 exactly: the largest selected logit (the first slot, in forward's order)
+        // takes no call.
+        const Compute d = row[selected[i]] - max;
+        raw[i] = d == Compute(0) ? Compute(1) : std::exp(d);
         sum += raw[i];
       }
       for (Index i = 0; i < k_; ++i) raw[i] /= sum;
     } else {
-      for (Index i = 0; i < k_; ++i) raw[i] = lane.s[selected[std::size_t(i)]];
+      for (Index i = 0; i < k_; ++i) raw[i] = s[selected[i]];
     }
     // Plain loops over the k slots (Eigen's dynamic-size expressions cost more than the work
     // for k = 2): the sum in slot order, then u = raw / D * scaling.
     Compute total = Compute(0);
     for (Index i = 0; i < k_; ++i) total += raw[i];
-    lane.sum = total;
     const Compute scaling = static_cast<Compute>(options_.scaling_factor);
     if (options_.normalize) {
-      const Compute d = denominator(lane);
+      const Compute d = denominator_of(total);
       if (!(d > Compute(0))) {
         detail::throw_invalid(function, "logits",
                               "selected scores with a positive sum when normalizing with "
                               "normalize_epsilon = 0 (set normalize_epsilon > 0)",
                               detail::concat("a sum of 0 at row ", t));
       }
-      for (Index i = 0; i < k_; ++i) lane.u[i] = raw[i] / d * scaling;
+      for (Index i = 0; i < k_; ++i) u[i] = raw[i] / d * scaling;
     } else {
-      for (Index i = 0; i < k_; ++i) lane.u[i] = raw[i] * scaling;
+      for (Index i = 0; i < k_; ++i) u[i] = raw[i] * scaling;
+    }
+    return total;
+  }
+
+  // The normalization's denominator for a row whose unnormalized weights sum to `sum`.
+  Compute denominator_of(Compute sum) const {
+    const Compute eps = static_cast<Compute>(options_.normalize_epsilon);
+    return options_.epsilon_mode == NormalizeEpsilon::add ? sum + eps : std::max(sum, eps);
+  }
+  // Whether that denominator varies with u (not clamped).
+  bool denominator_varies_of(Compute sum) const {
+    return options_.epsilon_mode == NormalizeEpsilon::add ||
+           sum >= static_cast<Compute>(options_.normalize_epsilon);
+  }
+  Compute denominator(const Lane& lane) const { return denominator_of(lane.sum); }
+  bool denominator_varies(const Lane& lane) const { return denominator_varies_of(lane.sum); }
+
+  // Whether rows take the selected-logits fast path: selection on the logits without a bias
+  // or groups and softmax-of-selected weights (Megatron-core's default router), k slots in
+  // local arrays. Its arithmetic is the generic path's, step for step (weights_of,
+  // selected_softmax_grad), so both give the same bits.
+  bool selected_logits_path() const {
+    return scores_unused() && bias_compute_.size() == 0 && options_.num_groups <= 1 &&
+           k_ <= kLocalSlots;
+  }
+
+  // The score function whose validity the logits of a row must have when the scores are
+  // never computed (scores_unused): the same error as computing them would give.
+  ScoreFunction validation_score() const {
+    return options_.score == RouterScore::softmax ? ScoreFunction::softmax
+                                                  : ScoreFunction::sigmoid;
+  }
+
+  // The softmax-of-selected backward of one row: p = raw (the softmax over the k selected
+  // logits, slots in `selected`), g = scale d L / d w for the k slots (dw_row), through the
+  // scaling c and the normalization D (d L / d u_i = (c / D) (g_i - [D varies] sum_l g_l u_l /
+  // D)), then d L / d x_e = sum over the slots i of expert e of p_i (g_i - sum_l g_l p_l); the
+  // experts not selected get 0. For Compute outputs added straight into dx (no N-wide
+  // scratch); for half-precision outputs summed in `scratch` (N values) and rounded once.
+  template <bool Accumulate, class Out>
+  MOEBAL_ALWAYS_INLINE void selected_softmax_grad(const Index* selected, const Compute* raw,
+                                                  Compute total, const Compute* dw_row,
+                                                  Compute scale, Compute* gk, Compute* scratch,
+                                                  Out* dx) const {
+    const Compute scaling = static_cast<Compute>(options_.scaling_factor);
+    const Compute denominator = options_.normalize ? denominator_of(total) : Compute(1);
+    const bool varies = options_.normalize && denominator_varies_of(total);
+    Compute gu = Compute(0);
+    if (varies) {
+      for (Index i = 0; i < k_; ++i) gu += dw_row[i] * raw[i];
+      gu /= denominator;
+    }
+    Compute gp = Compute(0);
+    for (Index i = 0; i < k_; ++i) {
+      gk[i] = scaling * (dw_row[i] - gu) / denominator;
+      gp += gk[i] * raw[i];
+    }
+    if constexpr (std::is_same_v<Out, Compute>) {
+      (void)scratch;
+      if constexpr (Accumulate) {
+        for (Index i = 0; i < k_; ++i) dx[selected[i]] += scale * raw[i] * (gk[i] - gp);
+      } else {
+        // The row zeroed (+0.0 is all zero bits), then each selected expert's value stored
+        // once: 0 plus its slots' terms in slot order (an expert named in two slots gets both,
+        // the chain rule), the sums `dx[e] += term` over a zeroed row would make, without
+        // reading back what the zeroing just wrote.
+        std::memset(static_cast<void*>(dx), 0, static_cast<std::size_t>(n_) * sizeof(Out));
+        for (Index i = 0; i < k_; ++i) {
+          const Index e = selected[i];
+          bool seen = false;
+          for (Index l = 0; l < i; ++l) seen = seen || selected[l] == e;
+          if (seen) continue;
+          Compute value = Compute(0);
+          for (Index l = i; l < k_; ++l) {
+            if (selected[l] == e) value += scale * raw[l] * (gk[l] - gp);
+          }
+          dx[e] = value;
+        }
+      }
+    } else {
+      std::fill(scratch, scratch + n_, Compute(0));
+      for (Index i = 0; i < k_; ++i) scratch[selected[i]] += scale * raw[i] * (gk[i] - gp);
+      for (Index j = 0; j < n_; ++j) detail::store<Accumulate>(dx[j], scratch[j]);
     }
   }
 
-  // The normalization's denominator for the lane's current row (lane.sum set by weights_row).
-  Compute denominator(const Lane& lane) const {
-    const Compute eps = static_cast<Compute>(options_.normalize_epsilon);
-    return options_.epsilon_mode == NormalizeEpsilon::add ? lane.sum + eps
-                                                          : std::max(lane.sum, eps);
+  // The k experts of row t from the caller's indices, each checked to be in [0, N).
+  MOEBAL_ALWAYS_INLINE void read_indices(const char* function,
+                                         const Eigen::Ref<const IndexMatrix>& indices, Index t,
+                                         Index* selected) const {
+    for (Index i = 0; i < k_; ++i) {
+      const Index e = indices(t, i);
+      if (e < 0 || e >= n_) {
+        detail::throw_invalid(function, "indices",
+                              detail::concat("expert indices in [0, ", n_, ")"),
+                              detail::concat(e, " at row ", t, ", slot ", i));
+      }
+      selected[i] = e;
+    }
   }
-  // Whether the denominator varies with u (not clamped).
-  bool denominator_varies(const Lane& lane) const {
-    return options_.epsilon_mode == NormalizeEpsilon::add ||
-           lane.sum >= static_cast<Compute>(options_.normalize_epsilon);
+
+  // The selected logits of row t are valid inputs: no NaN, no +Inf (named with the column).
+  MOEBAL_ALWAYS_INLINE void check_selected(const char* function, const Compute* row,
+                                           const Index* selected, Index t) const {
+    for (Index i = 0; i < k_; ++i) {
+      const Compute v = row[selected[i]];
+      if (std::isnan(v) || v == std::numeric_limits<Compute>::infinity()) {
+        detail::throw_invalid(function, "logits", "finite values or -Inf (no NaN, no +Inf)",
+                              detail::concat(v, " at row ", t, ", column ", selected[i]));
+      }
+    }
   }
 
   template <bool Accumulate, class Out>
@@ -520,6 +653,32 @@ class Router {
     detail::check_output_shape(function, "dloss_dweights", dw.rows(), dw.cols(), x.rows(), k_);
     detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(), n_);
     detail::check_finite_parameter(function, "scale", double(scale));
+    if (selected_logits_path()) {
+      // Megatron-core's default router: backward_row's steps on local arrays of k slots. Only
+      // the k selected logits of a row are read: scattered loads that the hardware does not
+      // predict, so they are requested a few rows ahead.
+      for_row_chunks(x.rows(), [&](Lane& lane, Index begin, Index end) {
+        Index selected[kLocalSlots];
+        Compute raw[kLocalSlots], u[kLocalSlots], gk[kLocalSlots];
+        for (Index t = begin; t < end; ++t) {
+          if (t + kGatherAhead < end) {
+            const Index ahead = t + kGatherAhead;
+            for (Index i = 0; i < k_; ++i) {
+              const Index e = indices(ahead, i);
+              if (e >= 0 && e < n_) detail::prefetch(x.data() + ahead * x.outerStride() + e);
+            }
+          }
+          read_indices(function, indices, t, selected);
+          const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
+          check_selected(function, row, selected, t);
+          const Compute total = weights_of(function, row, selected, nullptr, t, raw, u);
+          selected_softmax_grad<Accumulate>(selected, raw, total, dw.data() + t * dw.outerStride(),
+                                            scale, gk, lane.g.data(),
+                                            out.data() + t * out.outerStride());
+        }
+      });
+      return;
+    }
     for_row_chunks(x.rows(), [&](Lane& lane, Index begin, Index end) {
       for (Index t = begin; t < end; ++t) {
         backward_row<Accumulate>(lane, function, x, indices, dw, out, scale, t);
@@ -535,21 +694,28 @@ class Router {
                     const detail::RowInput<Compute>& dw, RowMatrixRef<Out>& out, Compute scale,
                     Index t) const {
     std::vector<Index>& selected = lane.selected;
-    for (Index i = 0; i < k_; ++i) {
-      const Index e = indices(t, i);
-      if (e < 0 || e >= n_) {
-        detail::throw_invalid(function, "indices",
-                              detail::concat("expert indices in [0, ", n_, ")"),
-                              detail::concat(e, " at row ", t, ", slot ", i));
-      }
-      selected[std::size_t(i)] = e;
-    }
+    read_indices(function, indices, t, selected.data());
     const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
-    scores_row(lane, function, row, t);
+    if (scores_unused()) {
+      // Selection on the logits, weights from a softmax of the selected logits: the gradient
+      // depends on the k selected logits alone (the others get 0, as autograd gives them), so
+      // only those are validated (a NaN or +Inf there is named; all -Inf is named by
+      // weights_row), not the whole row.
+      check_selected(function, row, selected.data(), t);
+    } else {
+      scores_row(lane, function, row, t);
+    }
     weights_row(lane, function, row, t);  // recomputes the unnormalized weights and their sum
     const auto& s = lane.s;
     const auto& raw = lane.raw;
     auto& g = lane.g;
+    Out* dx = out.data() + t * out.outerStride();
+    const Compute* dw_row = dw.data() + t * dw.outerStride();
+    if (options_.weights == RouterWeights::softmax_of_selected) {
+      selected_softmax_grad<Accumulate>(selected.data(), raw.data(), lane.sum, dw_row, scale,
+                                        lane.gk.data(), g.data(), dx);
+      return;
+    }
     // w = c u / D with c the scaling and D = sum u + eps (add) or max(sum u, eps) (clamp):
     // d L / d u_j = (c / D) (g_j - [D varies] sum_i g_i u_i / D). Uses the unnormalized raw,
     // never a division by c (c = 0 gives a zero gradient).
@@ -558,39 +724,12 @@ class Router {
     const bool varies = options_.normalize && denominator_varies(lane);
     Compute gu = Compute(0);
     if (varies) {
-      for (Index i = 0; i < k_; ++i) gu += dw(t, i) * raw[i];
+      for (Index i = 0; i < k_; ++i) gu += dw_row[i] * raw[i];
       gu /= denominator;
-    }
-    Out* dx = out.data() + t * out.outerStride();
-    if (options_.weights == RouterWeights::softmax_of_selected) {
-      // d L / d u_i per slot i, then through p = raw = softmax(x[selected]):
-      // d L / d x_e = sum over the slots i of expert e of p_i (g_i - sum_l g_l p_l); the
-      // experts not selected get 0. For float/double outputs, added straight into the output
-      // row (no N-wide scratch); for half-precision outputs, summed in the compute type first
-      // and rounded once per element.
-      auto& gk = lane.gk;
-      Compute gp = Compute(0);
-      for (Index i = 0; i < k_; ++i) {
-        gk[i] = scaling * (dw(t, i) - gu) / denominator;
-        gp += gk[i] * raw[i];
-      }
-      if constexpr (std::is_same_v<Out, Compute>) {
-        if constexpr (!Accumulate) std::fill(dx, dx + n_, Out(0));
-        for (Index i = 0; i < k_; ++i) {
-          dx[selected[std::size_t(i)]] += scale * raw[i] * (gk[i] - gp);
-        }
-      } else {
-        g.setZero();
-        for (Index i = 0; i < k_; ++i) {
-          g[selected[std::size_t(i)]] += scale * raw[i] * (gk[i] - gp);
-        }
-        for (Index j = 0; j < n_; ++j) detail::store<Accumulate>(dx[j], g[j]);
-      }
-      return;
     }
     g.setZero();
     for (Index i = 0; i < k_; ++i) {
-      g[selected[std::size_t(i)]] += scaling * (dw(t, i) - gu) / denominator;
+      g[selected[std::size_t(i)]] += scaling * (dw_row[i] - gu) / denominator;
     }
     if (options_.score == RouterScore::softmax) {
       const Compute gs = detail::lane_dot(g.data(), s.data(), n_);
@@ -613,6 +752,11 @@ class Router {
       }
     }
   }
+
+  // Rows ahead at which backward requests the selected logits it will read.
+  static constexpr Index kGatherAhead = 8;
+  // The most slots the selected-logits path holds in local arrays.
+  static constexpr Index kLocalSlots = 16;
 
   Index n_, k_;
   RouterOptions options_;
