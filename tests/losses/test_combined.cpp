@@ -97,9 +97,14 @@ TEST_CASE("CombinedAuxLoss: forms agree; zero weights cost nothing", "[loss][com
   moebal::CombinedAuxLoss<double> loss(8, 2, o);
   RowMatrix<double> fused(40, 8), split(40, 8);
   const double value = loss.forward_backward(x, fused);
+  const Eigen::VectorXd fused_sums = loss.statistics().score_sums();
+  const double fused_z = loss.terms().z;
   CHECK(loss.terms().sequence == 0.0);
   CHECK(loss.terms().cv2_importance == 0.0);
   CHECK(loss.forward(x) == value);
+  // The fused pass sums the scores in its second pass, in the first pass's order: same bits.
+  CHECK(loss.statistics().score_sums() == fused_sums);
+  CHECK(loss.terms().z == fused_z);
   loss.backward(x, split);
   CHECK(fused == split);
   RowMatrix<double> acc = RowMatrix<double>::Ones(40, 8);

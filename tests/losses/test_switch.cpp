@@ -423,12 +423,17 @@ TEMPLATE_TEST_CASE("SwitchAuxLoss: forward/backward forms agree", "[loss][switch
       SwitchOptions o = make_options(convention, score, 0.1);
       moebal::SwitchAuxLoss<T> loss(16, 4, o);
       const T value = loss.forward(x, moebal::TokenMask(mask));
+      const Eigen::VectorXd sums = loss.statistics().score_sums();
+      const Eigen::VectorXd counts = loss.statistics().counts();
       RowMatrix<T> g1(700, 16), g2(700, 16);
       g1.setConstant(T(42));  // backward must overwrite every element
       loss.backward(x, g1, T(3));
       const T fused = loss.forward_backward(x, g2, moebal::TokenMask(mask), T(3));
       INFO(describe(o, 4));
       CHECK(value == fused);
+      // forward_backward sums the scores in its second pass, in phase 1's order: the same bits.
+      CHECK(loss.statistics().score_sums() == sums);
+      CHECK(loss.statistics().counts() == counts);
       CHECK(g1 == g2);  // bitwise: both passes rebuild each row's scores the same way
       CHECK(g1.row(120).isZero(0));
 

@@ -448,5 +448,36 @@ void score_vjp_row(const C* raw, const RowNorm<C>& norm, const C* g, C g_dot_q, 
   }
 }
 
+/// `score_vjp_row` (written, not accumulated) for a row whose raw values are in dx itself, that
+/// also adds each score q_j = raw_j * inv to sums[j] (in double; the values phase 1 would add)
+/// as it reads raw_j, before overwriting it. With `z`, the combined objective's z-loss term
+/// z_coef * q_j is added to each element (softmax only), as its fused pass writes it.
+template <class C>
+MOEBAL_ALWAYS_INLINE void score_vjp_row_summing(C* MOEBAL_RESTRICT dx, const RowNorm<C>& norm,
+                                                const C* MOEBAL_RESTRICT g, C g_dot_q, C scale,
+                                                C z_coef, bool z, ScoreFunction score, Index n,
+                                                double* MOEBAL_RESTRICT sums) {
+  const C inv = norm.inv;
+  if (z) {
+    for (Index j = 0; j < n; ++j) {
+      const C q = dx[j] * inv;
+      sums[j] += static_cast<double>(q);
+      dx[j] = C(scale * q * (g[j] - g_dot_q) + z_coef * q);
+    }
+  } else if (score == ScoreFunction::softmax) {
+    for (Index j = 0; j < n; ++j) {
+      const C q = dx[j] * inv;
+      sums[j] += static_cast<double>(q);
+      dx[j] = C(scale * q * (g[j] - g_dot_q));
+    }
+  } else {
+    for (Index j = 0; j < n; ++j) {
+      const C raw = dx[j];
+      sums[j] += static_cast<double>(raw * inv);
+      dx[j] = C(scale * (raw * (C(1) - raw) * inv) * (g[j] - g_dot_q));
+    }
+  }
+}
+
 }  // namespace detail
 }  // namespace moebal

@@ -211,22 +211,34 @@ class CombinedAuxLoss {
     constexpr bool fused = std::is_same_v<Out, Compute>;
     RowMatrixRef<Compute>* raw_out = nullptr;
     if constexpr (fused) raw_out = &out;
+    if (switch_ && fused) {
+      // The Switch + z-loss kernel: its phase 2 also completes the score sums (defer_sums).
+      switch_->forward_impl(function, x, mask, raw_out, true);
+      switch_->template apply_rows<false>(function, x, out, scale, true);
+      take_switch_results();
+      return loss();
+    }
     const Compute value = forward_impl(function, x, mask, raw_out);
     backward_impl<false>(function, x, out, scale, fused);
     return value;
   }
 
  private:
+  // The statistics, f and terms of the Switch + z-loss kernel's last forward.
+  void take_switch_results() {
+    statistics_ = switch_->statistics_;
+    f_ = switch_->f_;
+    terms_ = CombinedTerms{};
+    terms_.switch_loss = switch_->loss_;
+    terms_.z = switch_->z_value_;
+    loss_ = terms_.switch_loss + terms_.z;
+  }
+
   Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                        const TokenMask& mask, RowMatrixRef<Compute>* raw_out) {
     if (switch_) {
       switch_->forward_impl(function, x, mask, raw_out);
-      statistics_ = switch_->statistics_;
-      f_ = switch_->f_;
-      terms_ = CombinedTerms{};
-      terms_.switch_loss = switch_->loss_;
-      terms_.z = switch_->z_value_;
-      loss_ = terms_.switch_loss + terms_.z;
+      take_switch_results();
       return loss();
     }
     const Index n = rows_.num_experts(), k = rows_.k(), rows = x.rows();

@@ -378,14 +378,23 @@ class SwitchAuxLoss {
   // Phase 1. When `raw_out` is given, each real row's raw scores are left in it for phase 2.
   // Blocks of chunks of kSwitchChunkRows rows run on the threads; their partial sums are added
   // to the statistics in block order, so the result does not depend on the thread count.
+  //
+  // `defer_sums` (forward_backward with the scores carried in a Compute buffer, K > 0 and rows
+  // of whole exp blocks): phase 1 takes the counts alone and phase 2 (apply_rows), which reads
+  // every score back anyway, adds the score sums S_i in the same chunk and block order, so they
+  // are bitwise those of phase 1 (finish_sums completes the statistics and L).
   Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
-                       const TokenMask& mask, RowMatrixRef<Compute>* raw_out) {
+                       const TokenMask& mask, RowMatrixRef<Compute>* raw_out,
+                       bool defer_sums = false) {
     rows_ = -1;  // no valid forward until this one completes
+    sums_pending_ = false;
     check_logits(function, x);
     detail::check_mask(function, mask, x.rows());
     const Index rows = x.rows(), n = num_experts_;
     norms_.resize(static_cast<std::size_t>(rows));
     statistics_.clear();
+    defer_sums_ = defer_sums && raw_out != nullptr && k_ <= detail::kThresholdTopkMaxK &&
+                  detail::fused_row_kernel(n);
     // Rows -> chunk partials -> block partials (one thread per block) -> the total, blocks in
     // order; counts are exact integers, summed per thread. See detail/parallel.hpp.
     const Index chunks = (rows + detail::kSwitchChunkRows - 1) / detail::kSwitchChunkRows;
@@ -419,7 +428,7 @@ class SwitchAuxLoss {
         } else {
           accumulate_chunk<0>(function, x, mask, raw_out, lane, begin, end);
         }
-        block_sum += lane.chunk_sums;
+        if (!defer_sums_) block_sum += lane.chunk_sums;
         for (Index j = 0; j < n; ++j) {  // unpack (detail::kFirstChoiceUnit)
           const std::int32_t packed = lane.chunk_counts[j];
           lane.thread_counts[j] += double(packed & detail::kTopkCountMask);
@@ -445,10 +454,6 @@ class SwitchAuxLoss {
     double& tokens = statistics_.mutable_tokens();
     auto counts = statistics_.mutable_counts();
     auto first = statistics_.mutable_first_choice_counts();
-    auto sums = statistics_.mutable_score_sums();
-    for (Index block = 0; block < partition.blocks; ++block) {
-      sums += Eigen::Map<const Eigen::VectorXd>(block_sums_.data() + block * n, n);
-    }
     for (int i = 0; i < threads; ++i) {
       const Lane& lane = lanes_[static_cast<std::size_t>(i)];
       counts += lane.thread_counts.matrix();
@@ -456,7 +461,6 @@ class SwitchAuxLoss {
       tokens += lane.thread_tokens;
     }
     update_f();
-    loss_ = tokens > 0 ? options_.coefficient * double(n) * f_.dot(sums) / tokens : 0.0;
     z_value_ = 0.0;
     if (use_z) {
       double z_sum = 0.0;
@@ -466,7 +470,22 @@ class SwitchAuxLoss {
       z_value_ = tokens > 0 ? z_weight_ * z_sum / tokens : 0.0;
     }
     rows_ = rows;
+    blocks_ = partition.blocks;
+    sums_pending_ = defer_sums_;
+    if (!sums_pending_) finish_sums();
     return static_cast<Compute>(loss_);
+  }
+
+  // The score sums S_i from the blocks' partials, in block order, and L from them.
+  void finish_sums() {
+    const Index n = num_experts_;
+    auto sums = statistics_.mutable_score_sums();
+    for (Index block = 0; block < blocks_; ++block) {
+      sums += Eigen::Map<const Eigen::VectorXd>(block_sums_.data() + block * n, n);
+    }
+    const double tokens = statistics_.tokens();
+    loss_ = tokens > 0 ? options_.coefficient * double(n) * f_.dot(sums) / tokens : 0.0;
+    sums_pending_ = false;
   }
 
   // One chunk of phase 1: rows [begin, end) into the lane's partial sums. K: the threshold
@@ -541,8 +560,12 @@ class SwitchAuxLoss {
       // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
       // the selection is {j : q_j >= tau} and the first choice the maximum: counted in the
       // same pass as the score sums (exact packed int32 counts: a chunk counts at most 512).
-      if (detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cs)) return;
+      if (defer_sums_ ? detail::count_threshold_row<false>(raw, n, k_, inv, tau, top, cc, cs)
+                      : detail::count_threshold_row<true>(raw, n, k_, inv, tau, top, cc, cs)) {
+        return;
+      }
     } else {
+      MOEBAL_ASSERT(!defer_sums_);
       (void)tau;  // no threshold search
       (void)top;
     }
@@ -677,6 +700,51 @@ class SwitchAuxLoss {
     const double z_factor =
         z_weight_ != 0.0 && tokens > 0 ? double(scale) * z_weight_ * 2.0 / tokens : 0.0;
     MOEBAL_ASSERT(z_factor == 0.0 || options_.score == ScoreFunction::softmax);
+    if (sums_pending_) {
+      // Phase 1 left the score sums to this pass (forward_impl's defer_sums): the gradient
+      // and the sums from the scores in the output buffer, by blocks of chunks as phase 1
+      // takes them (a zeroed chunk sum per chunk, rows in order; chunk sums into the block's in
+      // order; blocks in order in finish_sums), so S_i is bitwise phase 1's.
+      if constexpr (std::is_same_v<Out, Compute> && !Accumulate) {
+        MOEBAL_ASSERT(raw_in_out);
+        const detail::BlockPartition partition(chunks);
+        const int block_threads = detail::threads_for(partition.blocks);
+        ensure_lanes(block_threads);
+        detail::for_blocks(partition, block_threads, [&](int thread, Index block) {
+          Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+          Eigen::Map<Eigen::ArrayXd> block_sum(block_sums_.data() + block * n, n);
+          block_sum.setZero();
+          for (Index chunk = partition.begin(block); chunk < partition.end(block); ++chunk) {
+            const Index begin = chunk * detail::kSwitchChunkRows;
+            const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
+            lane.chunk_sums.setZero();
+            for (Index t = begin; t < end; ++t) {
+              Out* dx = out.data() + t * out.outerStride();
+              const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+              if (norm.inv == Compute(0)) {  // padded token
+                std::fill(dx, dx + n, Out(0));
+                continue;
+              }
+              const Compute* raw[1] = {dx};
+              Compute dot[1];
+              detail::lane_dot_rows<1>(f_compute_.data(), raw, n, dot);
+              const Compute g_dot_q = dot[0] * norm.inv;  // dot_with_scores
+              const Compute c =
+                  z_factor != 0.0 ? static_cast<Compute>(z_factor * double(lse_of(norm)))
+                                  : Compute(0);
+              detail::score_vjp_row_summing(dx, norm, f_compute_.data(), g_dot_q, factor, c,
+                                            z_factor != 0.0, options_.score, n,
+                                            lane.chunk_sums.data());
+            }
+            block_sum += lane.chunk_sums;
+          }
+        });
+        finish_sums();
+        return;
+      } else {
+        MOEBAL_ASSERT(false);
+      }
+    }
     detail::for_chunks(chunks, threads, [&](int thread, Index chunk) {
       Lane& lane = lanes_[static_cast<std::size_t>(thread)];
       const Index begin = chunk * detail::kSwitchChunkRows;
@@ -781,9 +849,9 @@ class SwitchAuxLoss {
     detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(),
                                x.cols());
     if constexpr (std::is_same_v<Out, Compute>) {
-      const Compute value = forward_impl(function, x, mask, &out);
-      apply_rows<false>(function, x, out, scale, true);
-      return value;
+      forward_impl(function, x, mask, &out, true);
+      apply_rows<false>(function, x, out, scale, true);  // completes the sums and L
+      return static_cast<Compute>(loss_);
     } else {
       const Compute value = forward_impl(function, x, mask, nullptr);
       apply_rows<false>(function, x, out, scale, false);
@@ -806,6 +874,11 @@ class SwitchAuxLoss {
   double z_value_ = 0.0;
   std::vector<detail::RowNorm<Compute>> norms_;     // T, per token; inv == 0 marks padding
   Index rows_ = -1;                                 // T of the last completed forward
+  Index blocks_ = 0;                                // blocks of chunks of the last forward
+  // Phase 1 takes the counts alone and phase 2 the score sums (forward_impl's defer_sums);
+  // sums_pending_: the last forward's sums and L wait for that phase 2.
+  bool defer_sums_ = false;
+  bool sums_pending_ = false;
   double loss_ = 0.0;
 };
 
