@@ -262,3 +262,60 @@ TEMPLATE_TEST_CASE("two-row kernels: each row bitwise as the one-row kernels com
     }
   }
 }
+
+TEMPLATE_TEST_CASE("top2_row: the router's fused top 2 and row validation", "[topk][router]",
+                   float, double) {
+  using T = TestType;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  std::mt19937 engine(91);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_int_distribution<int> pick(0, 9);
+  int checked = 0;
+  for (const Index n : {Index(4), Index(8), Index(12), Index(16), Index(24), Index(32),
+                        Index(64), Index(96), Index(256)}) {
+    if (!moebal::detail::top2_row_applies<T>(n)) continue;
+    RowMatrix<T> q(400, n);
+    for (Index t = 0; t < q.rows(); ++t) {
+      for (Index j = 0; j < n; ++j) {
+        // Values from a few levels (many ties), -Inf, signed zeros, or normal draws.
+        const int kind = pick(engine);
+        q(t, j) = kind < 3   ? T(pick(engine) % 3)
+                  : kind < 4 ? -inf
+                  : kind < 5 ? (pick(engine) % 2 ? T(0) : -T(0))
+                             : T(normal(engine));
+      }
+    }
+    // Rows with one finite value, all -Inf, the maximum in the last block, ties everywhere.
+    q.row(0).setConstant(-inf);
+    q(0, n - 1) = T(-3);
+    q.row(1).setConstant(-inf);
+    q.row(2).setConstant(T(1));
+    q.row(3).setConstant(T(0));
+    q(3, n - 1) = T(5);
+    q(3, n - 2) = T(5);
+    for (Index t = 0; t < q.rows(); ++t) {
+      Index out[2] = {-1, -1};
+      bool bad = true, any_finite = false;
+      moebal::detail::top2_row(q.data() + t * n, n, out, bad, any_finite);
+      const std::vector<Index> expected = reference_topk(q, t, 2);
+      INFO("n = " << n << ", row " << t);
+      CHECK(!bad);
+      CHECK(any_finite == (q.row(t).maxCoeff() > -inf));
+      CHECK(out[0] == expected[0]);
+      CHECK(out[1] == expected[1]);
+      ++checked;
+    }
+    // NaN or +Inf anywhere is flagged.
+    for (const Index at : {Index(0), n / 2, n - 1}) {
+      for (const T v : {std::numeric_limits<T>::quiet_NaN(), inf}) {
+        RowMatrix<T> r = q.row(10);
+        r(0, at) = v;
+        Index out[2];
+        bool bad = false, any_finite = false;
+        moebal::detail::top2_row(r.data(), n, out, bad, any_finite);
+        CHECK(bad);
+      }
+    }
+  }
+  CHECK(checked >= 400 * 6);
+}

@@ -408,6 +408,107 @@ bool topk_threshold(const C* q, Index n, Index k, C& tau, C& top) {
   }
 }
 
+#if MOEBAL_HAS_SHUFFLEVECTOR
+/// One step S of `top2_row`'s lane merge (then S / 2, down to 1): each lane's ordered pair
+/// (value, index) x 2 merged with lane l ^ S's, ranking by value, then lower index; the
+/// validity masks are or-ed the same way.
+template <int S, class V, class I, int... Lane>
+MOEBAL_ALWAYS_INLINE void top2_merge_lanes(V& best0, I& index0, V& best1, I& index1, I& bad,
+                                           I& finite, std::integer_sequence<int, Lane...> lanes) {
+  if constexpr (S >= 1) {
+    const V b0 = __builtin_shufflevector(best0, best0, (Lane ^ S)...);
+    const V b1 = __builtin_shufflevector(best1, best1, (Lane ^ S)...);
+    const I j0 = __builtin_shufflevector(index0, index0, (Lane ^ S)...);
+    const I j1 = __builtin_shufflevector(index1, index1, (Lane ^ S)...);
+    bad |= __builtin_shufflevector(bad, bad, (Lane ^ S)...);
+    finite |= __builtin_shufflevector(finite, finite, (Lane ^ S)...);
+    const auto before = [](V va, I ia, V vb, I ib) -> I {
+      return (va > vb) | ((va == vb) & (ia < ib));
+    };
+    const I a_first = before(best0, index0, b0, j0);
+    // The runner-up: a's second against b's first (a first), or b's second against a's first.
+    const I a1_first = before(best1, index1, b0, j0);
+    const I b1_first = before(b1, j1, best0, index0);
+    const V second_a = a1_first ? best1 : b0, second_b = b1_first ? b1 : best0;
+    const I second_ia = a1_first ? index1 : j0, second_ib = b1_first ? j1 : index0;
+    const V c1 = a_first ? second_a : second_b;
+    const I k1 = a_first ? second_ia : second_ib;
+    best0 = a_first ? best0 : b0;
+    index0 = a_first ? index0 : j0;
+    best1 = c1;
+    index1 = k1;
+    top2_merge_lanes<S / 2>(best0, index0, best1, index1, bad, finite, lanes);
+  }
+}
+#endif
+
+/// Whether `top2_row` takes rows of n values: whole blocks of its lanes, at least two.
+template <class C>
+inline bool top2_row_applies(Index n) {
+#if MOEBAL_HAS_SHUFFLEVECTOR
+  constexpr Index L = IndexLanes<C>::kLanes;
+  return n >= 2 * L && n % L == 0;
+#else
+  (void)n;
+  return false;
+#endif
+}
+
+/// The top 2 of x[0..n) with `topk_row`'s order (decreasing value, equal values by
+/// increasing index) in one pass, for `top2_row_applies(n)`, fused with the validity checks of
+/// a row of logits: `bad` (a NaN or +Inf anywhere) and `any_finite` (a value above -Inf). The
+/// result is defined only without `bad`. Each lane keeps its best two (value, index) pairs:
+/// the first two blocks ordered lane by lane, then each block enters with strict comparisons
+/// (its indices are higher than every kept one, so an equal value never displaces a kept one);
+/// the lanes are then merged by (value, lower index). No verification pass, no tie fallback.
+template <class C>
+MOEBAL_ALWAYS_INLINE void top2_row(const C* x, Index n, Index* out, bool& bad,
+                                   bool& any_finite) {
+#if MOEBAL_HAS_SHUFFLEVECTOR
+  using Lanes = IndexLanes<C>;
+  using V = typename Lanes::V;
+  using I = typename Lanes::I;
+  using Int = typename Lanes::Int;
+  constexpr int L = Lanes::kLanes;
+  MOEBAL_ASSERT(top2_row_applies<C>(n));
+  constexpr C inf = std::numeric_limits<C>::infinity();
+  const I iota = Lanes::iota();
+  const V a = Lanes::load(x), b = Lanes::load(x + L);
+  I bad_lanes = ~(a < inf) | ~(b < inf);  // NaN or +Inf
+  I finite_lanes = (a > -inf) | (b > -inf);
+  const I swap = b > a;  // equal: the first block's (lower) index first
+  V best0 = swap ? b : a, best1 = swap ? a : b;
+  I index0 = swap ? iota + Int(L) : iota, index1 = swap ? iota : iota + Int(L);
+  for (Index j = 2 * L; j < n; j += L) {
+    const V v = Lanes::load(x + j);
+    const I index = iota + static_cast<Int>(j);
+    bad_lanes |= ~(v < inf);
+    finite_lanes |= v > -inf;
+    const I above0 = v > best0, above1 = v > best1;
+    best1 = above0 ? best0 : (above1 ? v : best1);
+    index1 = above0 ? index0 : (above1 ? index : index1);
+    best0 = above0 ? v : best0;
+    index0 = above0 ? index : index0;
+  }
+  // The lanes merged pairwise, lane l with lane l ^ s for s = L/2, ..., 1 (branch-free): two
+  // ordered pairs (a0, a1) and (b0, b1) give c0 = the first of a0, b0 and c1 = the first of
+  // the other and the winner's second. Every lane then holds the row's top 2.
+  top2_merge_lanes<L / 2>(best0, index0, best1, index1, bad_lanes, finite_lanes,
+                          std::make_integer_sequence<int, L>());
+  bad = bad_lanes[0] != 0;
+  any_finite = finite_lanes[0] != 0;
+  out[0] = static_cast<Index>(index0[0]);
+  out[1] = static_cast<Index>(index1[0]);
+#else
+  (void)x;
+  (void)n;
+  (void)out;
+  bad = true;
+  any_finite = false;
+  MOEBAL_ASSERT(false);
+#endif
+}
+
 /// Writes the top-k indices of q[0..n), ordered as `topk_row_exact` orders them.
 template <class C>
 void topk_row(const C* q, Index n, Index k, Index* out, TopkScratch<C>& scratch) {

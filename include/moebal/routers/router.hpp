@@ -310,15 +310,27 @@ class Router {
     if (selected_logits_path()) {
       // Megatron-core's default router: the generic steps below on local arrays of k slots.
       const ScoreFunction score = validation_score();
+      const bool softmax = score == ScoreFunction::softmax;
+      // k = 2 (Megatron-core's and Mixtral's usual top-2): the validation and the top 2 in one
+      // pass (top2_row), in topk_row's order.
+      const bool top2 = k_ == 2 && detail::top2_row_applies<Compute>(n_);
       for_row_chunks(x.rows(), [&](Lane& lane, Index begin, Index end) {
         Index selected[kLocalSlots];
         Compute raw[kLocalSlots], u[kLocalSlots];
         for (Index t = begin; t < end; ++t) {
           const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
-          if (!detail::valid_logits_row(row, n_, score == ScoreFunction::softmax)) {
-            detail::throw_invalid_row(function, row, n_, t, score);  // as scores_row
+          if (top2) {
+            bool bad = false, any_finite = false;
+            detail::top2_row(row, n_, selected, bad, any_finite);
+            if (bad || (softmax && !any_finite)) {
+              detail::throw_invalid_row(function, row, n_, t, score);  // as scores_row
+            }
+          } else {
+            if (!detail::valid_logits_row(row, n_, softmax)) {
+              detail::throw_invalid_row(function, row, n_, t, score);  // as scores_row
+            }
+            detail::topk_row(row, n_, k_, selected, lane.topk);
           }
-          detail::topk_row(row, n_, k_, selected, lane.topk);
           weights_of(function, row, selected, nullptr, t, raw, u);
           for (Index i = 0; i < k_; ++i) {
             indices(t, i) = selected[i];
