@@ -331,10 +331,18 @@ class Router {
             }
             detail::topk_row(row, n_, k_, selected, lane.topk);
           }
-          weights_of(function, row, selected, nullptr, t, raw, u);
-          for (Index i = 0; i < k_; ++i) {
-            indices(t, i) = selected[i];
-            weights(t, i) = static_cast<OutW>(u[i]);
+          if (top2) {
+            weights_of<2>(function, row, selected, nullptr, t, raw, u);
+            for (Index i = 0; i < 2; ++i) {
+              indices(t, i) = selected[i];
+              weights(t, i) = static_cast<OutW>(u[i]);
+            }
+          } else {
+            weights_of(function, row, selected, nullptr, t, raw, u);
+            for (Index i = 0; i < k_; ++i) {
+              indices(t, i) = selected[i];
+              weights(t, i) = static_cast<OutW>(u[i]);
+            }
           }
         }
       });
@@ -503,12 +511,17 @@ class Router {
   // after normalization and scaling; returns the sum of raw in slot order. Throws (naming row
   // t) where the weights are undefined: a softmax over k selected logits that are all -Inf, or
   // a normalization whose denominator is 0 (every selected score 0 with epsilon 0).
+  // Slots: k itself (0: the run-time k_; the fast path's k = 2 unrolls the slot loops, with the
+  // same operations in the same order).
+  template <Index Slots = 0>
   MOEBAL_ALWAYS_INLINE Compute weights_of(const char* function, const Compute* row,
                                           const Index* selected, const Compute* s, Index t,
                                           Compute* raw, Compute* u) const {
+    const Index k = Slots > 0 ? Slots : k_;
+    MOEBAL_ASSERT(k == k_);
     if (options_.weights == RouterWeights::softmax_of_selected) {
       Compute max = -std::numeric_limits<Compute>::infinity();
-      for (Index i = 0; i < k_; ++i) max = std::max(max, row[selected[i]]);
+      for (Index i = 0; i < k; ++i) max = std::max(max, row[selected[i]]);
       if (max == -std::numeric_limits<Compute>::infinity()) {
         detail::throw_invalid(function, "logits",
                               "a finite logit among the k selected experts (softmax_of_selected "
@@ -516,21 +529,21 @@ class Router {
                               detail::concat("only -Inf selected at row ", t));
       }
       Compute sum = Compute(0);
-      for (Index i = 0; i < k_; ++i) {
+      for (Index i = 0; i < k; ++i) {
         // exp(0) = 1 exactly: the largest selected logit (the first slot, in forward's order)
         // takes no call.
         const Compute d = row[selected[i]] - max;
         raw[i] = d == Compute(0) ? Compute(1) : std::exp(d);
         sum += raw[i];
       }
-      for (Index i = 0; i < k_; ++i) raw[i] /= sum;
+      for (Index i = 0; i < k; ++i) raw[i] /= sum;
     } else {
-      for (Index i = 0; i < k_; ++i) raw[i] = s[selected[i]];
+      for (Index i = 0; i < k; ++i) raw[i] = s[selected[i]];
     }
     // Plain loops over the k slots (Eigen's dynamic-size expressions cost more than the work
     // for k = 2): the sum in slot order, then u = raw / D * scaling.
     Compute total = Compute(0);
-    for (Index i = 0; i < k_; ++i) total += raw[i];
+    for (Index i = 0; i < k; ++i) total += raw[i];
     const Compute scaling = static_cast<Compute>(options_.scaling_factor);
     if (options_.normalize) {
       const Compute d = denominator_of(total);
@@ -540,9 +553,9 @@ class Router {
                               "normalize_epsilon = 0 (set normalize_epsilon > 0)",
                               detail::concat("a sum of 0 at row ", t));
       }
-      for (Index i = 0; i < k_; ++i) u[i] = raw[i] / d * scaling;
+      for (Index i = 0; i < k; ++i) u[i] = raw[i] / d * scaling;
     } else {
-      for (Index i = 0; i < k_; ++i) u[i] = raw[i] * scaling;
+      for (Index i = 0; i < k; ++i) u[i] = raw[i] * scaling;
     }
     return total;
   }
@@ -582,41 +595,43 @@ class Router {
   // D)), then d L / d x_e = sum over the slots i of expert e of p_i (g_i - sum_l g_l p_l); the
   // experts not selected get 0. For Compute outputs added straight into dx (no N-wide
   // scratch); for half-precision outputs summed in `scratch` (N values) and rounded once.
-  template <bool Accumulate, class Out>
+  template <bool Accumulate, Index Slots = 0, class Out>
   MOEBAL_ALWAYS_INLINE void selected_softmax_grad(const Index* selected, const Compute* raw,
                                                   Compute total, const Compute* dw_row,
                                                   Compute scale, Compute* gk, Compute* scratch,
                                                   Out* dx) const {
+    const Index k = Slots > 0 ? Slots : k_;  // as weights_of
+    MOEBAL_ASSERT(k == k_);
     const Compute scaling = static_cast<Compute>(options_.scaling_factor);
     const Compute denominator = options_.normalize ? denominator_of(total) : Compute(1);
     const bool varies = options_.normalize && denominator_varies_of(total);
     Compute gu = Compute(0);
     if (varies) {
-      for (Index i = 0; i < k_; ++i) gu += dw_row[i] * raw[i];
+      for (Index i = 0; i < k; ++i) gu += dw_row[i] * raw[i];
       gu /= denominator;
     }
     Compute gp = Compute(0);
-    for (Index i = 0; i < k_; ++i) {
+    for (Index i = 0; i < k; ++i) {
       gk[i] = scaling * (dw_row[i] - gu) / denominator;
       gp += gk[i] * raw[i];
     }
     if constexpr (std::is_same_v<Out, Compute>) {
       (void)scratch;
       if constexpr (Accumulate) {
-        for (Index i = 0; i < k_; ++i) dx[selected[i]] += scale * raw[i] * (gk[i] - gp);
+        for (Index i = 0; i < k; ++i) dx[selected[i]] += scale * raw[i] * (gk[i] - gp);
       } else {
         // The row zeroed (+0.0 is all zero bits), then each selected expert's value stored
         // once: 0 plus its slots' terms in slot order (an expert named in two slots gets both,
         // the chain rule), the sums `dx[e] += term` over a zeroed row would make, without
         // reading back what the zeroing just wrote.
         std::memset(static_cast<void*>(dx), 0, static_cast<std::size_t>(n_) * sizeof(Out));
-        for (Index i = 0; i < k_; ++i) {
+        for (Index i = 0; i < k; ++i) {
           const Index e = selected[i];
           bool seen = false;
           for (Index l = 0; l < i; ++l) seen = seen || selected[l] == e;
           if (seen) continue;
           Compute value = Compute(0);
-          for (Index l = i; l < k_; ++l) {
+          for (Index l = i; l < k; ++l) {
             if (selected[l] == e) value += scale * raw[l] * (gk[l] - gp);
           }
           dx[e] = value;
@@ -624,16 +639,18 @@ class Router {
       }
     } else {
       std::fill(scratch, scratch + n_, Compute(0));
-      for (Index i = 0; i < k_; ++i) scratch[selected[i]] += scale * raw[i] * (gk[i] - gp);
+      for (Index i = 0; i < k; ++i) scratch[selected[i]] += scale * raw[i] * (gk[i] - gp);
       for (Index j = 0; j < n_; ++j) detail::store<Accumulate>(dx[j], scratch[j]);
     }
   }
 
   // The k experts of row t from the caller's indices, each checked to be in [0, N).
+  template <Index Slots = 0>
   MOEBAL_ALWAYS_INLINE void read_indices(const char* function,
                                          const Eigen::Ref<const IndexMatrix>& indices, Index t,
                                          Index* selected) const {
-    for (Index i = 0; i < k_; ++i) {
+    const Index k = Slots > 0 ? Slots : k_;  // as weights_of
+    for (Index i = 0; i < k; ++i) {
       const Index e = indices(t, i);
       if (e < 0 || e >= n_) {
         detail::throw_invalid(function, "indices",
@@ -645,9 +662,11 @@ class Router {
   }
 
   // The selected logits of row t are valid inputs: no NaN, no +Inf (named with the column).
+  template <Index Slots = 0>
   MOEBAL_ALWAYS_INLINE void check_selected(const char* function, const Compute* row,
                                            const Index* selected, Index t) const {
-    for (Index i = 0; i < k_; ++i) {
+    const Index k = Slots > 0 ? Slots : k_;  // as weights_of
+    for (Index i = 0; i < k; ++i) {
       const Compute v = row[selected[i]];
       if (std::isnan(v) || v == std::numeric_limits<Compute>::infinity()) {
         detail::throw_invalid(function, "logits", "finite values or -Inf (no NaN, no +Inf)",
@@ -680,13 +699,22 @@ class Router {
               if (e >= 0 && e < n_) detail::prefetch(x.data() + ahead * x.outerStride() + e);
             }
           }
-          read_indices(function, indices, t, selected);
           const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n_);
-          check_selected(function, row, selected, t);
-          const Compute total = weights_of(function, row, selected, nullptr, t, raw, u);
-          selected_softmax_grad<Accumulate>(selected, raw, total, dw.data() + t * dw.outerStride(),
-                                            scale, gk, lane.g.data(),
-                                            out.data() + t * out.outerStride());
+          const Compute* dw_row = dw.data() + t * dw.outerStride();
+          Out* dx = out.data() + t * out.outerStride();
+          if (k_ == 2) {  // the slot loops unrolled (the same operations)
+            read_indices<2>(function, indices, t, selected);
+            check_selected<2>(function, row, selected, t);
+            const Compute total = weights_of<2>(function, row, selected, nullptr, t, raw, u);
+            selected_softmax_grad<Accumulate, 2>(selected, raw, total, dw_row, scale, gk,
+                                                 lane.g.data(), dx);
+          } else {
+            read_indices(function, indices, t, selected);
+            check_selected(function, row, selected, t);
+            const Compute total = weights_of(function, row, selected, nullptr, t, raw, u);
+            selected_softmax_grad<Accumulate>(selected, raw, total, dw_row, scale, gk,
+                                              lane.g.data(), dx);
+          }
         }
       });
       return;
