@@ -832,7 +832,10 @@ RouterResult<compute_type_t<typename Derived::Scalar>> route(
 
 /// d loss / d logits of a route: maps d loss / d weights (T x k) through the router.
 /// @param logits and @p indices as given to / returned by `route` with the same options.
-/// @throws moebal::invalid_argument for mismatched shapes or indices out of range.
+/// @throws moebal::invalid_argument for mismatched shapes, indices out of range, or NaN or +Inf
+///   logits: only among each row's k selected logits for selection on the logits with
+///   softmax_of_selected weights (whose gradient depends on nothing else), anywhere in the row
+///   for the other routers (see `Router::backward`).
 template <class Derived, class DerivedG>
 RowMatrix<compute_type_t<typename Derived::Scalar>> route_backward(
     const Eigen::MatrixBase<Derived>& logits, const IndexMatrix& indices,
