@@ -413,29 +413,24 @@ class SwitchAuxLoss {
       lane.thread_first.setZero();
       lane.thread_tokens = 0.0;
     }
-    detail::for_blocks(partition, threads, [&](int thread, Index block) {
-      Lane& lane = lanes_[static_cast<std::size_t>(thread)];
-      Eigen::Map<Eigen::ArrayXd> block_sum(block_sums_.data() + block * n, n);
-      block_sum.setZero();
-      for (Index chunk = partition.begin(block); chunk < partition.end(block); ++chunk) {
-        const Index begin = chunk * detail::kSwitchChunkRows;
-        const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
-        // The top-k method's depth is a template parameter: one dispatch per chunk.
-        if (k_ <= detail::kThresholdTopkMaxK) {
-          detail::with_topk_depth(k_, [&](auto depth) {
-            accumulate_chunk<decltype(depth)::value>(function, x, mask, raw_out, lane, begin, end);
-          });
-        } else {
-          accumulate_chunk<0>(function, x, mask, raw_out, lane, begin, end);
-        }
-        if (!defer_sums_) block_sum += lane.chunk_sums;
-        for (Index j = 0; j < n; ++j) {  // unpack (detail::kFirstChoiceUnit)
-          const std::int32_t packed = lane.chunk_counts[j];
-          lane.thread_counts[j] += double(packed & detail::kTopkCountMask);
-          lane.thread_first[j] += double(packed >> 16);
-        }
-        lane.thread_tokens += lane.chunk_tokens;
+    // (With defer_sums_ the chunk sums stay zero: phase 2 sums the scores by the same blocks.)
+    const auto chunk_body = [&](Lane& lane, Index begin, Index end) {
+      // The top-k method's depth is a template parameter: one dispatch per chunk.
+      if (k_ <= detail::kThresholdTopkMaxK) {
+        detail::with_topk_depth(k_, [&](auto depth) {
+          accumulate_chunk<decltype(depth)::value>(function, x, mask, raw_out, lane, begin, end);
+        });
+      } else {
+        accumulate_chunk<0>(function, x, mask, raw_out, lane, begin, end);
       }
+      for (Index j = 0; j < n; ++j) {  // unpack (detail::kFirstChoiceUnit)
+        const std::int32_t packed = lane.chunk_counts[j];
+        lane.thread_counts[j] += double(packed & detail::kTopkCountMask);
+        lane.thread_first[j] += double(packed >> 16);
+      }
+      lane.thread_tokens += lane.chunk_tokens;
+    };
+    for_block_chunks(partition, threads, rows, chunk_body, [&](Lane&, Index block) {
       if (use_z) {
         // The z-loss's sum of lse_t^2 over the block's real rows, in row order
         // (lse_t = shift_t - log(inv_t), from the softmax normalizer).
@@ -474,6 +469,28 @@ class SwitchAuxLoss {
     sums_pending_ = defer_sums_;
     if (!sums_pending_) finish_sums();
     return static_cast<Compute>(loss_);
+  }
+
+  // The blocks of chunks by which the score sums S_i are taken, on `threads` threads: per
+  // block, its partial sums in block_sums_ zeroed; per chunk, in order,
+  // chunk(lane, begin, end) fills lane.chunk_sums, which is then added to the block's; then
+  // block_done(lane, block). Phase 1 and the phase 2 of a deferred forward_backward both sum
+  // through here, so S_i has one order whichever pass takes it (finish_sums adds the blocks).
+  template <class Chunk, class BlockDone>
+  void for_block_chunks(const detail::BlockPartition& partition, int threads, Index rows,
+                        Chunk&& chunk, BlockDone&& block_done) {
+    const Index n = num_experts_;
+    detail::for_blocks(partition, threads, [&](int thread, Index block) {
+      Lane& lane = lanes_[static_cast<std::size_t>(thread)];
+      Eigen::Map<Eigen::ArrayXd> block_sum(block_sums_.data() + block * n, n);
+      block_sum.setZero();
+      for (Index c = partition.begin(block); c < partition.end(block); ++c) {
+        const Index begin = c * detail::kSwitchChunkRows;
+        chunk(lane, begin, std::min(rows, begin + detail::kSwitchChunkRows));
+        block_sum += lane.chunk_sums;
+      }
+      block_done(lane, block);
+    });
   }
 
   // The score sums S_i from the blocks' partials, in block order, and L from them.
@@ -710,35 +727,28 @@ class SwitchAuxLoss {
         const detail::BlockPartition partition(chunks);
         const int block_threads = detail::threads_for(partition.blocks);
         ensure_lanes(block_threads);
-        detail::for_blocks(partition, block_threads, [&](int thread, Index block) {
-          Lane& lane = lanes_[static_cast<std::size_t>(thread)];
-          Eigen::Map<Eigen::ArrayXd> block_sum(block_sums_.data() + block * n, n);
-          block_sum.setZero();
-          for (Index chunk = partition.begin(block); chunk < partition.end(block); ++chunk) {
-            const Index begin = chunk * detail::kSwitchChunkRows;
-            const Index end = std::min(rows, begin + detail::kSwitchChunkRows);
-            lane.chunk_sums.setZero();
-            for (Index t = begin; t < end; ++t) {
-              Out* dx = out.data() + t * out.outerStride();
-              const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-              if (norm.inv == Compute(0)) {  // padded token
-                std::fill(dx, dx + n, Out(0));
-                continue;
-              }
-              const Compute* raw[1] = {dx};
-              Compute dot[1];
-              detail::lane_dot_rows<1>(f_compute_.data(), raw, n, dot);
-              const Compute g_dot_q = dot[0] * norm.inv;  // dot_with_scores
-              const Compute c =
-                  z_factor != 0.0 ? static_cast<Compute>(z_factor * double(lse_of(norm)))
-                                  : Compute(0);
-              detail::score_vjp_row_summing(dx, norm, f_compute_.data(), g_dot_q, factor, c,
-                                            z_factor != 0.0, options_.score, n,
-                                            lane.chunk_sums.data());
+        const auto chunk_body = [&](Lane& lane, Index begin, Index end) {
+          lane.chunk_sums.setZero();
+          for (Index t = begin; t < end; ++t) {
+            Out* dx = out.data() + t * out.outerStride();
+            const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+            if (norm.inv == Compute(0)) {  // padded token
+              std::fill(dx, dx + n, Out(0));
+              continue;
             }
-            block_sum += lane.chunk_sums;
+            const Compute* raw[1] = {dx};
+            Compute dot[1];
+            detail::lane_dot_rows<1>(f_compute_.data(), raw, n, dot);
+            const Compute g_dot_q = dot[0] * norm.inv;  // dot_with_scores
+            const Compute c =
+                z_factor != 0.0 ? static_cast<Compute>(z_factor * double(lse_of(norm)))
+                                : Compute(0);
+            detail::score_vjp_row_summing(dx, norm, f_compute_.data(), g_dot_q, factor, c,
+                                          z_factor != 0.0, options_.score, n,
+                                          lane.chunk_sums.data());
           }
-        });
+        };
+        for_block_chunks(partition, block_threads, rows, chunk_body, [](Lane&, Index) {});
         finish_sums();
         return;
       } else {

