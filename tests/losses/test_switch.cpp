@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -614,6 +616,95 @@ TEMPLATE_TEST_CASE("switch_aux_loss: rows of whole blocks, taken in pairs: count
     moebal::SwitchAuxLoss<T> loss(cols, 2);
     CHECK_THROWS_WITH(loss.forward(y, moebal::TokenMask(mask)),
                       Catch::Contains("got nan at row 3, column 0"));
+  }
+}
+
+TEMPLATE_TEST_CASE("SwitchAuxLoss::forward_backward: selection on the logits, near ties",
+                   "[loss][switch]", float, double) {
+  // forward_backward counts on the logits and falls back to the scores' exact top-k where
+  // the logits do not decide (detail::count_logits_row). Rows built to sit on either side of
+  // its margins: the k-th and (k+1)-th logits, or the first and second, a few ulps apart, at
+  // the gap (2^-15 in float, 2^-38 in double) and around it, far apart, exactly tied; the
+  // k-th shifted logit near -62 (float) / -600 (double) or where the scores flush to 0; -Inf
+  // logits; sigmoids that saturate. Against a stable sort of moebal::scores per row and
+  // against forward(), whose selection is made on the scores (counts and sums bitwise).
+  using T = TestType;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  const T gap = T(is_float<T>() ? 0x1p-15 : 0x1p-38);
+  const T floor = T(is_float<T>() ? -62.0 : -600.0);
+  const T offsets[] = {T(0), gap / 4, gap / 2, gap * T(0.99), gap, gap * T(1.01), gap * 2,
+                       T(1e-3), T(1)};
+  const T depths[] = {T(0), T(-1), floor + T(0.5), floor - T(0.5), T(-80), T(-90), T(-200),
+                      T(-800)};
+  for (const Index cols : {Index(16), Index(64)}) {
+    for (const Index k : {Index(1), Index(2), Index(3), Index(4), Index(8), Index(16)}) {
+      if (k > cols) continue;
+      const Index rows = 400;
+      RowMatrix<T> x = random_logits(rows, cols, 1.0, unsigned(11 * cols + k)).cast<T>();
+      std::mt19937 engine(unsigned(cols + 7 * k));
+      for (Index t = 0; t < rows; ++t) {
+        std::vector<Index> order(static_cast<std::size_t>(cols));
+        std::iota(order.begin(), order.end(), Index(0));
+        std::shuffle(order.begin(), order.end(), engine);
+        const auto at = [&](Index rank) -> T& { return x(t, order[std::size_t(rank)]); };
+        const T base = T(std::uniform_real_distribution<double>(-3.0, 3.0)(engine));
+        // Ranks: 0 the top, then k - 1 values below it, the boundary, and the rest below.
+        const T depth = depths[std::size_t(t / 9) % std::size(depths)];
+        const T offset = offsets[std::size_t(t) % std::size(offsets)];
+        at(0) = base;
+        const int kind = int(t / 72) % 4;
+        for (Index r = 1; r < cols; ++r) at(r) = base + depth - T(2) - T(r);
+        if (k > 1) {
+          for (Index r = 1; r < k; ++r) at(r) = base + depth * T(r) / T(k);  // tau at rank k-1
+        }
+        const T tau = k > 1 ? at(k - 1) : base;
+        if (kind == 0 && k < cols) {
+          at(k) = tau - offset;  // the boundary
+        } else if (kind == 1 && cols > 1) {
+          at(1) = base - offset;  // the first choice
+        } else if (kind == 2) {
+          // ulps apart at the boundary (nextafter steps), -Inf below it
+          T v = tau;
+          for (Index step = 0; step < t % 4; ++step) v = std::nextafter(v, -inf);
+          if (k < cols) at(k) = v;
+          for (Index r = k + 1; r < cols; r += 2) at(r) = -inf;
+        } else if (k < cols) {
+          at(k) = tau - offset;
+          if (cols > 1 && k > 1) at(1) = base - offset;
+        }
+      }
+      for (const auto score : kScores) {
+        RowMatrix<T> xs = x;
+        if (score == ScoreFunction::sigmoid) xs.array() += T(16);  // some saturate in float
+        const RowMatrix<T> q = moebal::scores(xs, score);
+        moebal::CountVector counts = moebal::CountVector::Zero(cols);
+        moebal::CountVector first = moebal::CountVector::Zero(cols);
+        for (Index t = 0; t < rows; ++t) {
+          std::vector<Index> order(static_cast<std::size_t>(cols));
+          std::iota(order.begin(), order.end(), Index(0));
+          std::stable_sort(order.begin(), order.end(),
+                           [&](Index a, Index b) { return q(t, a) > q(t, b); });
+          for (Index s = 0; s < k; ++s) counts[order[std::size_t(s)]] += 1;
+          first[order[0]] += 1;
+        }
+        SwitchOptions o;
+        o.score = score;
+        INFO("N = " << cols << ", k = " << k << ", " << moebal::to_string(score));
+        moebal::SwitchAuxLoss<T> loss(cols, k, o);
+        const T value = loss.forward(xs);
+        const Eigen::VectorXd sums = loss.statistics().score_sums();
+        RowMatrix<T> g1(rows, cols), g2(rows, cols);
+        loss.backward(xs, g1);
+        CHECK(loss.stats().tokens_per_expert == counts);
+        CHECK(loss.stats().first_choice_tokens == first);
+        const T fused = loss.forward_backward(xs, g2);
+        CHECK(loss.stats().tokens_per_expert == counts);
+        CHECK(loss.stats().first_choice_tokens == first);
+        CHECK(loss.statistics().score_sums() == sums);
+        CHECK(fused == value);
+        CHECK(g1 == g2);
+      }
+    }
   }
 }
 

@@ -86,8 +86,7 @@ inline constexpr std::int32_t kTopkCountMask = kFirstChoiceUnit - 1;
 /// kFirstChoiceUnit (the packed counts above) and the result is true; otherwise the counts are
 /// left unchanged and the result is false (the caller then takes the exact method). One loop
 /// that compilers vectorize (the arrays must not overlap).
-/// `WithSums = false`: the counts alone (sums untouched), for a pass that sums the scores later.
-template <bool WithSums = true, class C>
+template <class C>
 MOEBAL_ALWAYS_INLINE bool count_threshold_row(const C* MOEBAL_RESTRICT raw, Index n, Index k,
                                               C inv, C tau, C top,
                                               std::int32_t* MOEBAL_RESTRICT counts,
@@ -99,15 +98,143 @@ MOEBAL_ALWAYS_INLINE bool count_threshold_row(const C* MOEBAL_RESTRICT raw, Inde
     counts[j] += in_topk + is_top * kFirstChoiceUnit;
     sel += in_topk;
     att += is_top;
-    if constexpr (WithSums) sums[j] += static_cast<double>(q);
+    sums[j] += static_cast<double>(q);
   }
-  if constexpr (!WithSums) (void)sums;
   if (sel == k && att == 1) return true;
   for (Index j = 0; j < n; ++j) {
     const C q = raw[j] * inv;
     counts[j] -= (q >= tau ? 1 : 0) + (q == top ? kFirstChoiceUnit : 0);
   }
   return false;
+}
+
+/// What `count_logits_row` made of a row.
+enum class LogitsRow {
+  counted,  // the row's top-k and first choice are counted
+  exact,    // too close to call on the logits: the caller counts on the scores (exact method)
+  invalid,  // NaN or +Inf, or (softmax) every logit -Inf: the caller throws
+};
+
+/// `count_logits_row`'s margins. Softmax: the least gap between the shifted logits
+/// d = x - max on either side of the selection's boundary, 2^-15 in float and 2^-38 in double,
+/// and the least shifted logit of a selected expert, -62 in float (e^-62 > 2^-90) and -600 in
+/// double (e^-600 > 2^-865). Sigmoid: the least relative gap between the raw values, 2^-16 and
+/// 2^-40, and the least raw value of a selected expert, 2^-90 and 2^-865.
+template <class C>
+inline constexpr C kLogitsGap = C(sizeof(C) == sizeof(float) ? 0x1p-15 : 0x1p-38);
+template <class C>
+inline constexpr C kLogitsFloor = C(sizeof(C) == sizeof(float) ? -62.0 : -600.0);
+template <class C>
+inline constexpr C kRawGap = C(sizeof(C) == sizeof(float) ? 0x1p-16 : 0x1p-40);
+template <class C>
+inline constexpr C kRawFloor = C(sizeof(C) == sizeof(float) ? 0x1p-90 : 0x1p-865);
+
+/// Whether `count_logits_row` takes rows of n experts with k <= K selected.
+inline bool logits_selection_applies(Index n, Index k) {
+  return fused_row_kernel(n) && k >= 1 && k <= kThresholdTopkMaxK && n < (Index(1) << 30);
+}
+
+/// The Switch loss's top-k and first-choice counts of one row selected on its logits x,
+/// without its scores: the counts of the selection on the scores q_j = raw_j * inv
+/// (`raw_scores_to`; ties to the lower index) whenever the logits decide it. The lane lists of
+/// the threshold method give the row's maximum `top`, the second largest and tau, the k-th
+/// largest logit (with multiplicity); one pass counts counts[j] += [x_j >= tau] + [x_j == top]
+/// * kFirstChoiceUnit and checks the row (NaN or +Inf; softmax: top > -Inf); another takes
+/// `next`, the largest logit below tau. The row is counted when exactly k logits are >= tau,
+/// top is unique, and top, second, tau and next are far enough apart that the scores cannot
+/// tie or swap across the boundary (k < n) or at the top:
+///   softmax: with d = x - top as every pass rounds it, d(second) <= -gap and (k < n)
+///     d(tau) >= floor and d(tau) - d(next) >= gap (kLogitsGap, kLogitsFloor). x_c <= next
+///     gives d_c <= d(next) (the subtraction rounds monotonically), so the exact exponentials
+///     differ by a factor of at least e^gap; the exponential's error (2 ulp) leaves more than
+///     1 + gap / 2 between the raw values, which the rounding of raw * inv (a normal number
+///     above e^floor / N) cannot close.
+///   sigmoid: the raw values of top, second, tau and next are computed by `raw_block`, lane
+///     for lane as every pass computes them, and compared the same way: raw(top) and raw(tau)
+///     >= kRawFloor, raw(top) > raw(second) (1 + g) and raw(tau) > raw(next) (1 + g), g =
+///     kRawGap (an unselected raw value exceeds raw(next) by 2 ulp at most).
+/// Otherwise the counts are left unchanged (`exact`, or `invalid`). `max_out` receives top,
+/// the row's exact maximum, and `min_out` the smallest logit. n must satisfy `logits_selection_applies(n, k)`, k <= K
+/// (with_topk_depth).
+template <Index K, class C>
+MOEBAL_ALWAYS_INLINE LogitsRow count_logits_row(const C* MOEBAL_RESTRICT x, Index n, Index k,
+                                                ScoreFunction score, C& max_out, C& min_out,
+                                                std::int32_t* MOEBAL_RESTRICT counts) {
+  using Lists = LaneTopk<K, C>;
+  using Ops = typename Lists::Ops;
+  using Block = typename Lists::Block;
+  constexpr Index lanes = Lists::kLanes;
+  constexpr C inf = std::numeric_limits<C>::infinity();
+  static_assert(kExpBlock % lanes == 0, "exp blocks are made of whole top-k lane blocks");
+  MOEBAL_ASSERT(logits_selection_applies(n, k) && k <= K);
+  Lists lists;
+  Block low = Ops::splat(inf);
+  // The first K blocks fill the lists' levels (block b reaches at most level b), the others
+  // go through the whole network.
+  Index j = 0;
+  for (Index depth = 0; depth < K && j < n; ++depth, j += lanes) {
+    const Block v = Ops::load(x + j);
+    low = Ops::min(low, v);
+    lists.insert(v, depth);
+  }
+  for (; j < n; j += lanes) {
+    const Block v = Ops::load(x + j);
+    low = Ops::min(low, v);
+    lists.insert_full(v);
+  }
+  min_out = -Ops::largest(-low);
+  C top, tau, second = -inf;
+  if (k == K && K <= 2) {
+    lists.extremes_of_merged(top, tau);  // k = 2: tau is the second largest
+    second = tau;
+  } else {
+    C sorted[K];
+    lists.merged(sorted);
+    top = sorted[0];
+    tau = sorted[k - 1];
+    if constexpr (K >= 2) second = sorted[1];
+  }
+  max_out = top;
+  std::int32_t selected = 0, at_top = 0, bad = 0;
+  for (Index j = 0; j < n; ++j) {
+    const C v = x[j];
+    const std::int32_t in_topk = v >= tau ? 1 : 0, is_top = v == top ? 1 : 0;
+    counts[j] += in_topk + is_top * kFirstChoiceUnit;
+    selected += in_topk;
+    at_top += is_top;
+    bad |= v < inf ? 0 : 1;  // NaN or +Inf
+  }
+  if (bad != 0 || (score == ScoreFunction::softmax && !(top > -inf))) return LogitsRow::invalid;
+  const auto undo = [&]() {
+    for (Index j = 0; j < n; ++j) {
+      counts[j] -= (x[j] >= tau ? 1 : 0) + (x[j] == top ? kFirstChoiceUnit : 0);
+    }
+    return LogitsRow::exact;
+  };
+  if (selected != k || at_top != 1) return undo();
+  const Block bound = Ops::splat(tau);
+  Block below = Ops::splat(-inf);
+  for (Index j = 0; j < n; j += lanes) below = Ops::max(below, Ops::below(Ops::load(x + j), bound));
+  const C next = Ops::largest(below);
+  if (K == 1) second = next;
+  bool decided;
+  if (score == ScoreFunction::softmax) {
+    const C gap = kLogitsGap<C>;
+    const C d_tau = tau - top;
+    decided = second - top <= -gap;
+    if (k < n) decided = decided && d_tau >= kLogitsFloor<C> && d_tau - (next - top) >= gap;
+  } else {
+    ExpBlock<C> candidates = ExpBlock<C>::Constant(top);
+    candidates[1] = second;
+    candidates[2] = tau;
+    candidates[3] = next;
+    const ExpBlock<C> r = raw_block<C>(candidates, top, score);
+    const C widen = C(1) + kRawGap<C>;
+    const C floor = kRawFloor<C>;
+    decided = r[0] >= floor && r[0] > r[1] * widen;
+    if (k < n) decided = decided && r[2] >= floor && r[2] > r[3] * widen;
+  }
+  return decided ? LogitsRow::counted : undo();
 }
 
 }  // namespace detail

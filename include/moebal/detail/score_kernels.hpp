@@ -216,7 +216,9 @@ MOEBAL_ALWAYS_INLINE Eigen::Array<C, B, 1> exp_nonpositive(const Eigen::Array<C,
 #pragma GCC diagnostic pop
 #endif
 
-template <class C, int B>
+/// `Flush = false` leaves out the flush to 0 (softmax), for a row whose caller knows that no
+/// x_j - max is below log(smallest normal) (where the flush changes nothing).
+template <class C, int B, bool Flush = true>
 MOEBAL_ALWAYS_INLINE Eigen::Array<C, B, 1> raw_block(const Eigen::Array<C, B, 1>& xb, C max,
                                                      ScoreFunction score) {
   if (score == ScoreFunction::softmax) {
@@ -228,7 +230,11 @@ MOEBAL_ALWAYS_INLINE Eigen::Array<C, B, 1> raw_block(const Eigen::Array<C, B, 1>
     const C lowest = kLogSmallestNormal<C>;
     const Eigen::Array<C, B, 1> d = xb - max;
     Eigen::Array<C, B, 1> e = exp_nonpositive(d);
-    zero_below(e, d, lowest);
+    if constexpr (Flush) {
+      zero_below(e, d, lowest);
+    } else {
+      (void)lowest;
+    }
     return e;
   }
   return (C(1) + (-xb).exp()).inverse();
@@ -254,17 +260,24 @@ struct NoBlockHook {
 /// reciprocal, overlap), so each row's raw values and normalizer are bitwise those of
 /// `raw_scores_to`. `block(r, b)` is called with row r's full blocks of kExpBlock raw values.
 /// valid[r] as `raw_scores_to`'s result for row r.
-template <int R, class S, class C, class BlockHook>
+/// `KnownMax`: the rows' maxima are given in known_max[0..R) (a pass that found them before:
+/// the maximum is exact, so any pass finds the same value, and the first pass is skipped).
+/// `Flush = false`: see `raw_block` (only with KnownMax).
+template <int R, bool KnownMax = false, bool Flush = true, class S, class C, class BlockHook>
 MOEBAL_ALWAYS_INLINE void raw_scores_rows(const S* const* x, Index n, ScoreFunction score,
                                           C* const* raw, RowNorm<C>* norm, bool* valid,
-                                          BlockHook&& block) {
+                                          BlockHook&& block, const C* known_max = nullptr) {
   static_assert(kRowBlock == kReduceLanes, "the row blocks are the reduction's lanes");
   static_assert(R >= 1 && R <= 2, "one or two rows at once");
+  static_assert(Flush || KnownMax, "the flush is left out only for rows of a known maximum");
   using Block = ExpBlock<C>;
   using Out = Eigen::Map<Block>;
   constexpr C minus_inf = -std::numeric_limits<C>::infinity();
   C max[R];
-  {
+  if constexpr (KnownMax) {
+    for (int r = 0; r < R; ++r) max[r] = known_max[r];
+  } else {
+    (void)known_max;
     // First pass: the maximum (exact in any order), in two wide accumulators while pairs of
     // wide blocks fit, then in 8-blocks.
     Block wa[R], wb[R];
@@ -302,8 +315,10 @@ MOEBAL_ALWAYS_INLINE void raw_scores_rows(const S* const* x, Index n, ScoreFunct
   Index j = 0;
   for (; j + 2 * kExpBlock <= n; j += 2 * kExpBlock) {
     for (int r = 0; r < R; ++r) {
-      const Block r0 = raw_block<C>(load_block<C, kExpBlock>(x[r] + j), max[r], score);
-      const Block r1 = raw_block<C>(load_block<C, kExpBlock>(x[r] + j + kExpBlock), max[r], score);
+      const Block r0 =
+          raw_block<C, kExpBlock, Flush>(load_block<C, kExpBlock>(x[r] + j), max[r], score);
+      const Block r1 = raw_block<C, kExpBlock, Flush>(load_block<C, kExpBlock>(x[r] + j + kExpBlock),
+                                                      max[r], score);
       sa[r] += r0;
       sb[r] += r1;
       Out(raw[r] + j) = r0;
@@ -314,7 +329,8 @@ MOEBAL_ALWAYS_INLINE void raw_scores_rows(const S* const* x, Index n, ScoreFunct
   }
   if (j + kExpBlock <= n) {
     for (int r = 0; r < R; ++r) {
-      const Block b = raw_block<C>(load_block<C, kExpBlock>(x[r] + j), max[r], score);
+      const Block b =
+          raw_block<C, kExpBlock, Flush>(load_block<C, kExpBlock>(x[r] + j), max[r], score);
       sa[r] += b;
       Out(raw[r] + j) = b;
       block(r, b);
@@ -448,33 +464,80 @@ void score_vjp_row(const C* raw, const RowNorm<C>& norm, const C* g, C g_dot_q, 
   }
 }
 
-/// `score_vjp_row` (written, not accumulated) for a row whose raw values are in dx itself, that
-/// also adds each score q_j = raw_j * inv to sums[j] (in double; the values phase 1 would add)
-/// as it reads raw_j, before overwriting it. With `z`, the combined objective's z-loss term
-/// z_coef * q_j is added to each element (softmax only), as its fused pass writes it.
-template <class C>
-MOEBAL_ALWAYS_INLINE void score_vjp_row_summing(C* MOEBAL_RESTRICT dx, const RowNorm<C>& norm,
+/// `score_vjp_row` (written, not accumulated) that also adds each score q_j = raw_j * inv to
+/// sums[j] (in double: the values phase 1 of a forward would add, in the same order when rows
+/// come in order). With `z`, the combined objective's z-loss term z_coef * q_j is added to
+/// each element (softmax only). raw and dx must not overlap.
+template <class C, class Out>
+MOEBAL_ALWAYS_INLINE void score_vjp_row_summing(const C* MOEBAL_RESTRICT raw,
+                                                Out* MOEBAL_RESTRICT dx, const RowNorm<C>& norm,
                                                 const C* MOEBAL_RESTRICT g, C g_dot_q, C scale,
                                                 C z_coef, bool z, ScoreFunction score, Index n,
                                                 double* MOEBAL_RESTRICT sums) {
   const C inv = norm.inv;
   if (z) {
     for (Index j = 0; j < n; ++j) {
-      const C q = dx[j] * inv;
+      const C q = raw[j] * inv;
       sums[j] += static_cast<double>(q);
-      dx[j] = C(scale * q * (g[j] - g_dot_q) + z_coef * q);
+      store<false>(dx[j], C(scale * q * (g[j] - g_dot_q) + z_coef * q));
     }
   } else if (score == ScoreFunction::softmax) {
     for (Index j = 0; j < n; ++j) {
-      const C q = dx[j] * inv;
+      const C q = raw[j] * inv;
       sums[j] += static_cast<double>(q);
-      dx[j] = C(scale * q * (g[j] - g_dot_q));
+      store<false>(dx[j], C(scale * q * (g[j] - g_dot_q)));
     }
   } else {
     for (Index j = 0; j < n; ++j) {
-      const C raw = dx[j];
-      sums[j] += static_cast<double>(raw * inv);
-      dx[j] = C(scale * (raw * (C(1) - raw) * inv) * (g[j] - g_dot_q));
+      const C r = raw[j];
+      sums[j] += static_cast<double>(r * inv);
+      store<false>(dx[j], C(scale * (r * (C(1) - r) * inv) * (g[j] - g_dot_q)));
+    }
+  }
+}
+
+/// `score_vjp_row_summing` for R rows at once (R = 1 or 2) with the same g (g_dot_q[r],
+/// z_coef[r] per row): one loop over the experts, in which row 0's score is added to sums[j]
+/// before row 1's (the sums of the rows taken one after the other) and every element is
+/// computed as that function computes it.
+template <int R, class C, class Out>
+MOEBAL_ALWAYS_INLINE void score_vjp_rows_summing(const C* const* raw, Out* const* dx,
+                                                 const RowNorm<C>* norm, const C* g,
+                                                 const C* g_dot_q, C scale, const C* z_coef,
+                                                 bool z, ScoreFunction score, Index n,
+                                                 double* MOEBAL_RESTRICT sums) {
+  static_assert(R >= 1 && R <= 2, "one or two rows at once");
+  if constexpr (R == 1) {
+    score_vjp_row_summing(raw[0], dx[0], norm[0], g, g_dot_q[0], scale, z_coef[0], z, score, n,
+                          sums);
+  } else {
+    const C* MOEBAL_RESTRICT raw0 = raw[0];
+    const C* MOEBAL_RESTRICT raw1 = raw[1];
+    Out* MOEBAL_RESTRICT dx0 = dx[0];
+    Out* MOEBAL_RESTRICT dx1 = dx[1];
+    const C inv0 = norm[0].inv, inv1 = norm[1].inv, d0 = g_dot_q[0], d1 = g_dot_q[1];
+    if (z) {
+      const C c0 = z_coef[0], c1 = z_coef[1];
+      for (Index j = 0; j < n; ++j) {
+        const C q0 = raw0[j] * inv0, q1 = raw1[j] * inv1;
+        sums[j] = (sums[j] + static_cast<double>(q0)) + static_cast<double>(q1);
+        store<false>(dx0[j], C(scale * q0 * (g[j] - d0) + c0 * q0));
+        store<false>(dx1[j], C(scale * q1 * (g[j] - d1) + c1 * q1));
+      }
+    } else if (score == ScoreFunction::softmax) {
+      for (Index j = 0; j < n; ++j) {
+        const C q0 = raw0[j] * inv0, q1 = raw1[j] * inv1;
+        sums[j] = (sums[j] + static_cast<double>(q0)) + static_cast<double>(q1);
+        store<false>(dx0[j], C(scale * q0 * (g[j] - d0)));
+        store<false>(dx1[j], C(scale * q1 * (g[j] - d1)));
+      }
+    } else {
+      for (Index j = 0; j < n; ++j) {
+        const C r0 = raw0[j], r1 = raw1[j];
+        sums[j] = (sums[j] + static_cast<double>(r0 * inv0)) + static_cast<double>(r1 * inv1);
+        store<false>(dx0[j], C(scale * (r0 * (C(1) - r0) * inv0) * (g[j] - d0)));
+        store<false>(dx1[j], C(scale * (r1 * (C(1) - r1) * inv1) * (g[j] - d1)));
+      }
     }
   }
 }

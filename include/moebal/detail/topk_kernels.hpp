@@ -111,6 +111,22 @@ struct LaneOps {
   static MOEBAL_ALWAYS_INLINE Block splat(C v) { return Block{} + v; }
   static MOEBAL_ALWAYS_INLINE Block max(Block a, Block b) { return a > b ? a : b; }
   static MOEBAL_ALWAYS_INLINE Block min(Block a, Block b) { return a < b ? a : b; }
+  /// v_l where v_l < bound_l, else -Inf.
+  static MOEBAL_ALWAYS_INLINE Block below(Block v, Block bound) {
+    return v < bound ? v : splat(-std::numeric_limits<C>::infinity());
+  }
+  /// The largest lane (exact: a butterfly of lane maxima).
+  static MOEBAL_ALWAYS_INLINE C largest(Block v) {
+    return largest_step<int(L) / 2>(v)[0];
+  }
+  template <int S>
+  static MOEBAL_ALWAYS_INLINE Block largest_step(Block v) {
+    if constexpr (S >= 1) {
+      return largest_step<S / 2>(max(v, xor_lanes<S>(v, std::make_integer_sequence<int, int(L)>{})));
+    } else {
+      return v;
+    }
+  }
   /// out_l = v_(l ^ S), one register shuffle.
   template <int S, int... I>
   static MOEBAL_ALWAYS_INLINE Block xor_lanes(Block v, std::integer_sequence<int, I...>) {
@@ -122,6 +138,18 @@ struct LaneOps {
   static Block splat(C v) { return Block::Constant(v); }
   static Block max(const Block& a, const Block& b) { return a.max(b); }
   static Block min(const Block& a, const Block& b) { return a.min(b); }
+  static Block below(const Block& v, const Block& bound) {
+    Block out;
+    for (Index l = 0; l < L; ++l) {
+      out[l] = v[l] < bound[l] ? v[l] : -std::numeric_limits<C>::infinity();
+    }
+    return out;
+  }
+  static C largest(const Block& v) {
+    C m = v[0];
+    for (Index l = 1; l < L; ++l) m = v[l] > m ? v[l] : m;
+    return m;
+  }
   template <int S, int... I>
   static Block xor_lanes(const Block& v, std::integer_sequence<int, I...>) {
     Block out;
@@ -145,6 +173,15 @@ struct LaneTopk {
 
   MOEBAL_ALWAYS_INLINE LaneTopk() {
     for (Index r = 0; r < K; ++r) best[r] = Ops::splat(lowest);
+  }
+
+  /// Inserts a block into full lists (`insert` with depth K).
+  MOEBAL_ALWAYS_INLINE void insert_full(Block v) {
+    for (Index r = 0; r < K; ++r) {
+      const Block higher = Ops::max(best[r], v);
+      v = Ops::min(best[r], v);
+      best[r] = higher;
+    }
   }
 
   /// Inserts a block into the lists, of which only the first `depth` levels hold values yet

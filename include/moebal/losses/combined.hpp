@@ -211,10 +211,9 @@ class CombinedAuxLoss {
     constexpr bool fused = std::is_same_v<Out, Compute>;
     RowMatrixRef<Compute>* raw_out = nullptr;
     if constexpr (fused) raw_out = &out;
-    if (switch_ && fused) {
-      // The Switch + z-loss kernel: its phase 2 also completes the score sums (defer_sums).
-      switch_->forward_impl(function, x, mask, raw_out, true);
-      switch_->template apply_rows<false>(function, x, out, scale, true);
+    if (switch_) {
+      // The Switch + z-loss kernel, in its own two passes.
+      switch_->forward_backward_impl(function, x, out, mask, scale);
       take_switch_results();
       return loss();
     }

@@ -198,8 +198,13 @@ SwitchAuxResult<compute_type_t<typename Derived::Scalar>> switch_aux_loss(
 ///             two numbers per token; returns L.
 ///   backward: writes (or, `backward_accumulate`, adds) scale * d L / d logits into the
 ///             caller's row-major T x N buffer, recomputing each row's scores from the logits.
-///   forward_backward: both in two passes, using the output buffer to hold the scores between
-///             them (the fastest form when the gradient is written, not accumulated).
+///   forward_backward: both in two passes. For rows of whole exp blocks (N a multiple of 8, or
+///             of 16 with AVX-512) and k <= 16, the first counts the top-k on the logits (the
+///             selection on the scores whenever the logits decide it, the scores' exact top-k
+///             on the rare row they do not: detail::count_logits_row) and the second computes
+///             each row's scores once, for the gradient and for P; otherwise the output
+///             buffer (of the compute type) carries the scores between the passes. The
+///             fastest form when the gradient is written, not accumulated.
 /// backward must be given the same logits as the last forward. Every phase runs its token
 /// chunks on up to `moebal::num_threads()` OpenMP threads (<moebal/core/threads.hpp>); the
 /// results are bitwise identical for any thread count.
@@ -271,9 +276,9 @@ class SwitchAuxLoss {
     backward_impl<true>("moebal::SwitchAuxLoss::backward_accumulate", x, out, scale);
   }
 
-  /// Both phases: returns L and writes dloss_dlogits = scale * d L / d logits. With a Compute
-  /// buffer the scores travel between the passes in it (two passes over the logits, one over
-  /// the buffer); with a half-precision buffer the scores are recomputed from the logits.
+  /// Both phases: returns L and writes dloss_dlogits = scale * d L / d logits, with the
+  /// statistics, L and the gradient bitwise those of forward then backward (see the class
+  /// comment for the passes).
   template <class Derived, class Out>
   Compute forward_backward(const Eigen::MatrixBase<Derived>& logits, Out&& dloss_dlogits,
                            const TokenMask& mask = {}, Compute scale = Compute(1)) {
@@ -379,10 +384,11 @@ class SwitchAuxLoss {
   // Blocks of chunks of kSwitchChunkRows rows run on the threads; their partial sums are added
   // to the statistics in block order, so the result does not depend on the thread count.
   //
-  // `defer_sums` (forward_backward with the scores carried in a Compute buffer, K > 0 and rows
-  // of whole exp blocks): phase 1 takes the counts alone and phase 2 (apply_rows), which reads
-  // every score back anyway, adds the score sums S_i in the same chunk and block order, so they
-  // are bitwise those of phase 1 (finish_sums completes the statistics and L).
+  // `defer_sums` (forward_backward, where detail::logits_selection_applies): phase 1 takes the
+  // counts alone, on the logits (count_chunk_on_logits), and phase 2 (apply_rows), which
+  // computes every score anyway, adds the score sums S_i and the z-loss's lse_t^2 in the same
+  // chunk and block order, so they are bitwise those of forward() (finish_sums completes the
+  // statistics and L).
   Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                        const TokenMask& mask, RowMatrixRef<Compute>* raw_out,
                        bool defer_sums = false) {
@@ -393,8 +399,8 @@ class SwitchAuxLoss {
     const Index rows = x.rows(), n = num_experts_;
     norms_.resize(static_cast<std::size_t>(rows));
     statistics_.clear();
-    defer_sums_ = defer_sums && raw_out != nullptr && k_ <= detail::kThresholdTopkMaxK &&
-                  detail::fused_row_kernel(n);
+    defer_sums_ = defer_sums && detail::logits_selection_applies(n, k_);
+    MOEBAL_ASSERT(!defer_sums_ || raw_out == nullptr);
     // Rows -> chunk partials -> block partials (one thread per block) -> the total, blocks in
     // order; counts are exact integers, summed per thread. See detail/parallel.hpp.
     const Index chunks = (rows + detail::kSwitchChunkRows - 1) / detail::kSwitchChunkRows;
@@ -413,10 +419,13 @@ class SwitchAuxLoss {
       lane.thread_first.setZero();
       lane.thread_tokens = 0.0;
     }
-    // (With defer_sums_ the chunk sums stay zero: phase 2 sums the scores by the same blocks.)
     const auto chunk_body = [&](Lane& lane, Index begin, Index end) {
       // The top-k method's depth is a template parameter: one dispatch per chunk.
-      if (k_ <= detail::kThresholdTopkMaxK) {
+      if (defer_sums_) {
+        detail::with_topk_depth(k_, [&](auto depth) {
+          count_chunk_on_logits<decltype(depth)::value>(function, x, mask, lane, begin, end);
+        });
+      } else if (k_ <= detail::kThresholdTopkMaxK) {
         detail::with_topk_depth(k_, [&](auto depth) {
           accumulate_chunk<decltype(depth)::value>(function, x, mask, raw_out, lane, begin, end);
         });
@@ -430,21 +439,10 @@ class SwitchAuxLoss {
       }
       lane.thread_tokens += lane.chunk_tokens;
     };
+    // (With defer_sums_ the chunk sums stay zero and the z-loss's lse_t are not known yet:
+    // phase 2 takes both by the same blocks.)
     for_block_chunks(partition, threads, rows, chunk_body, [&](Lane&, Index block) {
-      if (use_z) {
-        // The z-loss's sum of lse_t^2 over the block's real rows, in row order
-        // (lse_t = shift_t - log(inv_t), from the softmax normalizer).
-        double z = 0.0;
-        const Index first = partition.begin(block) * detail::kSwitchChunkRows;
-        const Index last = std::min(rows, partition.end(block) * detail::kSwitchChunkRows);
-        for (Index t = first; t < last; ++t) {
-          const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-          if (norm.inv == Compute(0)) continue;
-          const double lse = double(lse_of(norm));
-          z += lse * lse;
-        }
-        block_z_[static_cast<std::size_t>(block)] = z;
-      }
+      if (use_z && !defer_sums_) sum_block_z(partition, block, rows);
     });
     double& tokens = statistics_.mutable_tokens();
     auto counts = statistics_.mutable_counts();
@@ -456,14 +454,6 @@ class SwitchAuxLoss {
       tokens += lane.thread_tokens;
     }
     update_f();
-    z_value_ = 0.0;
-    if (use_z) {
-      double z_sum = 0.0;
-      for (Index block = 0; block < partition.blocks; ++block) {
-        z_sum += block_z_[static_cast<std::size_t>(block)];
-      }
-      z_value_ = tokens > 0 ? z_weight_ * z_sum / tokens : 0.0;
-    }
     rows_ = rows;
     blocks_ = partition.blocks;
     sums_pending_ = defer_sums_;
@@ -493,7 +483,23 @@ class SwitchAuxLoss {
     });
   }
 
-  // The score sums S_i from the blocks' partials, in block order, and L from them.
+  // The z-loss's sum of lse_t^2 over a block's real rows, in row order, into block_z_
+  // (lse_t = shift_t - log(inv_t), from the softmax normalizer in norms_).
+  void sum_block_z(const detail::BlockPartition& partition, Index block, Index rows) {
+    double z = 0.0;
+    const Index first = partition.begin(block) * detail::kSwitchChunkRows;
+    const Index last = std::min(rows, partition.end(block) * detail::kSwitchChunkRows);
+    for (Index t = first; t < last; ++t) {
+      const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+      if (norm.inv == Compute(0)) continue;
+      const double lse = double(lse_of(norm));
+      z += lse * lse;
+    }
+    block_z_[static_cast<std::size_t>(block)] = z;
+  }
+
+  // The score sums S_i from the blocks' partials, in block order, and L from them; the z-loss
+  // term from its blocks' sums, in block order.
   void finish_sums() {
     const Index n = num_experts_;
     auto sums = statistics_.mutable_score_sums();
@@ -502,6 +508,14 @@ class SwitchAuxLoss {
     }
     const double tokens = statistics_.tokens();
     loss_ = tokens > 0 ? options_.coefficient * double(n) * f_.dot(sums) / tokens : 0.0;
+    z_value_ = 0.0;
+    if (z_weight_ != 0.0) {
+      double z_sum = 0.0;
+      for (Index block = 0; block < blocks_; ++block) {
+        z_sum += block_z_[static_cast<std::size_t>(block)];
+      }
+      z_value_ = tokens > 0 ? z_weight_ * z_sum / tokens : 0.0;
+    }
     sums_pending_ = false;
   }
 
@@ -577,12 +591,10 @@ class SwitchAuxLoss {
       // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
       // the selection is {j : q_j >= tau} and the first choice the maximum: counted in the
       // same pass as the score sums (exact packed int32 counts: a chunk counts at most 512).
-      if (defer_sums_ ? detail::count_threshold_row<false>(raw, n, k_, inv, tau, top, cc, cs)
-                      : detail::count_threshold_row<true>(raw, n, k_, inv, tau, top, cc, cs)) {
+      if (detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cs)) {
         return;
       }
     } else {
-      MOEBAL_ASSERT(!defer_sums_);
       (void)tau;  // no threshold search
       (void)top;
     }
@@ -675,6 +687,81 @@ class SwitchAuxLoss {
     }
   }
 
+  // Phase 1's mark of a real row that needs no flush (norms_[t].inv, until phase 2).
+  static constexpr Compute kNoFlush = Compute(2);
+
+  // One chunk of the phase 1 of a forward_backward that defers the score sums (defer_sums_):
+  // the counts alone, selected on the logits (count_logits_row) and, for the rare row the
+  // logits do not decide, by the exact method on the scores. Each real row's maximum is kept
+  // in norms_ (inv = 1 or kNoFlush until phase 2 computes the normalizer) for phase 2.
+  template <Index K>
+  void count_chunk_on_logits(const char* function, const detail::RowInput<Scalar>& x,
+                             const TokenMask& mask, Lane& lane, Index begin, Index end) {
+    const Index n = num_experts_;
+    lane.chunk_sums.setZero();  // (the sums are phase 2's)
+    lane.chunk_counts.setZero();
+    lane.chunk_tokens = 0.0;
+    std::int32_t* cc = lane.chunk_counts.data();
+    for (Index t = begin; t < end; ++t) {
+      detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+      if (!mask.is_real(t)) {
+        norm = detail::RowNorm<Compute>{};  // inv == 0 marks padding; the row is never read
+        continue;
+      }
+      const Compute* row = lane.reader.read(x.data() + t * x.outerStride(), n);
+      lane.chunk_tokens += 1.0;
+      Compute max, min;
+      const detail::LogitsRow outcome =
+          detail::count_logits_row<K>(row, n, k_, options_.score, max, min, cc);
+      if (outcome == detail::LogitsRow::invalid) {
+        detail::throw_invalid_row(function, row, n, t, options_.score);
+      }
+      norm.shift = max;
+      // Phase 2 leaves out the flush of the exponentials below the smallest normal number
+      // where no x_j - max is below its log (x_j - max >= min - max, rounded monotonically).
+      norm.inv = min - max >= detail::kLogSmallestNormal<Compute> ? kNoFlush : Compute(1);
+      if (outcome == detail::LogitsRow::exact) {
+        detail::RowNorm<Compute> exact;
+        const bool valid = detail::raw_scores_to(row, n, options_.score, lane.raw.data(), exact);
+        MOEBAL_ASSERT(valid);
+        (void)valid;
+        Compute* q = lane.scores.data();
+        for (Index j = 0; j < n; ++j) q[j] = lane.raw[j] * exact.inv;
+        count_exact(lane, q);
+      }
+    }
+  }
+
+  // Phase 2's kernel for R rows (R = 1 or 2) of whole exp blocks with known maxima: each
+  // row's raw scores (into raw[r]) and normalizer as raw_scores_rows computes them, and
+  // dots[r] = sum_j f_j raw_rj, taken as the blocks are computed (8 lanes in row order, then
+  // the fixed tree). Flush: see detail::raw_block. valid[r] as raw_scores_rows's (which, with
+  // a known maximum, does not see a sigmoid row's +Inf: a caller that needs it checks).
+  template <int R, bool Flush>
+  MOEBAL_ALWAYS_INLINE void scores_and_dots(const Compute* const* row, const Compute* max,
+                                            Compute* const* raw, detail::RowNorm<Compute>* norm,
+                                            Compute* dots, bool* valid) const {
+    const Compute* f = f_compute_.data();
+    detail::RowBlock<Compute> lanes[R];
+    Index at[R] = {};
+    for (int r = 0; r < R; ++r) lanes[r].setZero();
+    detail::raw_scores_rows<R, true, Flush>(
+        row, num_experts_, options_.score, raw, norm, valid,
+        [&](int r, const detail::ExpBlock<Compute>& b) {
+          for (Index h = 0; h < detail::kExpBlock; h += detail::kRowBlock) {
+            lanes[r] += detail::load_block<Compute>(f + at[r] + h) *
+                        b.template segment<detail::kRowBlock>(h);
+          }
+          at[r] += detail::kExpBlock;
+        },
+        max);
+    for (int r = 0; r < R; ++r) {
+      MOEBAL_ASSERT(at[r] == num_experts_);  // every block passed the hook
+      const detail::RowBlock<Compute>& l = lanes[r];
+      dots[r] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    }
+  }
+
   // The exact top-k of one row's scores q into the lane's chunk counts.
   void count_exact(Lane& lane, const Compute* q) {
     detail::topk_row_exact(q, num_experts_, k_, lane.selected.data(), lane.topk);
@@ -718,43 +805,83 @@ class SwitchAuxLoss {
         z_weight_ != 0.0 && tokens > 0 ? double(scale) * z_weight_ * 2.0 / tokens : 0.0;
     MOEBAL_ASSERT(z_factor == 0.0 || options_.score == ScoreFunction::softmax);
     if (sums_pending_) {
-      // Phase 1 left the score sums to this pass (forward_impl's defer_sums): the gradient
-      // and the sums from the scores in the output buffer, by blocks of chunks as phase 1
-      // takes them (a zeroed chunk sum per chunk, rows in order; chunk sums into the block's in
-      // order; blocks in order in finish_sums), so S_i is bitwise phase 1's.
-      if constexpr (std::is_same_v<Out, Compute> && !Accumulate) {
-        MOEBAL_ASSERT(raw_in_out);
+      // Phase 1 counted on the logits and left the scores to this pass (forward_impl's
+      // defer_sums): each real row's scores are computed from the logits (the maximum known
+      // from phase 1), the row's normalizer kept, its gradient written and its scores added to
+      // the sums, by blocks of chunks as a forward takes them (a zeroed chunk sum per chunk,
+      // rows in order; chunk sums into the block's in order; blocks in order in finish_sums),
+      // so S_i is bitwise that of forward(). Real rows are taken two at a time (their
+      // reductions interleaved, each computed as alone).
+      if constexpr (!Accumulate) {
         const detail::BlockPartition partition(chunks);
         const int block_threads = detail::threads_for(partition.blocks);
         ensure_lanes(block_threads);
+        const bool z = z_factor != 0.0;
         const auto chunk_body = [&](Lane& lane, Index begin, Index end) {
           lane.chunk_sums.setZero();
+          double* sums = lane.chunk_sums.data();
+          const auto apply_real = [&](auto count, auto flush, const Index* t) {
+            constexpr int R = decltype(count)::value;
+            const Compute* row[R];
+            Compute* raw[2] = {lane.raw.data(), lane.raw2.data()};
+            Out* dx[R];
+            Compute max[R];
+            detail::RowNorm<Compute> norm[R];
+            row[0] = lane.reader.read(x.data() + t[0] * x.outerStride(), n);
+            if constexpr (R == 2) row[1] = lane.reader2.read(x.data() + t[1] * x.outerStride(), n);
+            for (int r = 0; r < R; ++r) {
+              max[r] = norms_[static_cast<std::size_t>(t[r])].shift;
+              dx[r] = out.data() + t[r] * out.outerStride();
+            }
+            Compute dots[R];
+            bool valid[R];
+            scores_and_dots<R, decltype(flush)::value>(row, max, raw, norm, dots, valid);
+            for (int r = 0; r < R; ++r) MOEBAL_ASSERT(valid[r]);  // phase 1 checked the rows
+            (void)valid;
+            Compute g_dot_q[R], c[R];
+            for (int r = 0; r < R; ++r) {
+              norms_[static_cast<std::size_t>(t[r])] = norm[r];
+              g_dot_q[r] = dots[r] * norm[r].inv;  // dot_with_scores
+              c[r] = z ? static_cast<Compute>(z_factor * double(lse_of(norm[r]))) : Compute(0);
+            }
+            detail::score_vjp_rows_summing<R>(raw, dx, norm, f_compute_.data(), g_dot_q, factor,
+                                              c, z, options_.score, n, sums);
+          };
+          Index pair[2];
+          int have = 0;
           for (Index t = begin; t < end; ++t) {
-            Out* dx = out.data() + t * out.outerStride();
-            const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
-            if (norm.inv == Compute(0)) {  // padded token
+            if (norms_[static_cast<std::size_t>(t)].inv == Compute(0)) {  // padded token
+              Out* dx = out.data() + t * out.outerStride();
               std::fill(dx, dx + n, Out(0));
               continue;
             }
-            const Compute* raw[1] = {dx};
-            Compute dot[1];
-            detail::lane_dot_rows<1>(f_compute_.data(), raw, n, dot);
-            const Compute g_dot_q = dot[0] * norm.inv;  // dot_with_scores
-            const Compute c =
-                z_factor != 0.0 ? static_cast<Compute>(z_factor * double(lse_of(norm)))
-                                : Compute(0);
-            detail::score_vjp_row_summing(dx, norm, f_compute_.data(), g_dot_q, factor, c,
-                                          z_factor != 0.0, options_.score, n,
-                                          lane.chunk_sums.data());
+            pair[have++] = t;
+            if (have == 2) {
+              // Rows with no logit far enough below the maximum to flush (phase 1 marked
+              // them: kNoFlush) leave out the flush, which would change nothing.
+              if (norms_[std::size_t(pair[0])].inv == kNoFlush &&
+                  norms_[std::size_t(pair[1])].inv == kNoFlush) {
+                apply_real(std::integral_constant<int, 2>{}, std::false_type{}, pair);
+              } else {
+                apply_real(std::integral_constant<int, 2>{}, std::true_type{}, pair);
+              }
+              have = 0;
+            }
           }
+          if (have == 1) apply_real(std::integral_constant<int, 1>{}, std::true_type{}, pair);
         };
-        for_block_chunks(partition, block_threads, rows, chunk_body, [](Lane&, Index) {});
+        for_block_chunks(partition, block_threads, rows, chunk_body, [&](Lane&, Index block) {
+          if (z_weight_ != 0.0) sum_block_z(partition, block, rows);
+        });
         finish_sums();
         return;
       } else {
         MOEBAL_ASSERT(false);
       }
     }
+    // Rows that forward_backward would take by phase 2's kernel are taken by it here too, so
+    // that the two forms give the same bits.
+    const bool known_max = !raw_in_out && detail::logits_selection_applies(n, k_);
     detail::for_chunks(chunks, threads, [&](int thread, Index chunk) {
       Lane& lane = lanes_[static_cast<std::size_t>(thread)];
       const Index begin = chunk * detail::kSwitchChunkRows;
@@ -764,6 +891,7 @@ class SwitchAuxLoss {
       const auto apply_real = [&](auto count, const Index* t) {
         constexpr int R = decltype(count)::value;
         const Compute* raw[R];
+        Compute dots[R] = {};
         Out* dx[R];
         for (int r = 0; r < R; ++r) dx[r] = out.data() + t[r] * out.outerStride();
         if (raw_in_out) {
@@ -771,6 +899,27 @@ class SwitchAuxLoss {
             for (int r = 0; r < R; ++r) raw[r] = dx[r];
           } else {
             MOEBAL_ASSERT(false);
+          }
+        } else if (known_max) {
+          // The forward's maxima and phase 2's kernel (forward_backward's scores and dots).
+          const Compute* row[R];
+          Compute* scratch[2] = {lane.raw.data(), lane.raw2.data()};
+          Compute max[R];
+          row[0] = lane.reader.read(x.data() + t[0] * x.outerStride(), n);
+          if constexpr (R == 2) row[1] = lane.reader2.read(x.data() + t[1] * x.outerStride(), n);
+          for (int r = 0; r < R; ++r) {
+            max[r] = norms_[static_cast<std::size_t>(t[r])].shift;
+            raw[r] = scratch[r];
+          }
+          detail::RowNorm<Compute> again[R];
+          bool valid[R];
+          scores_and_dots<R, true>(row, max, scratch, again, dots, valid);
+          for (int r = 0; r < R; ++r) {
+            // (A sigmoid's +Inf leaves its sum finite: checked on the logits.)
+            if (!valid[r] || (options_.score == ScoreFunction::sigmoid &&
+                              !detail::valid_logits_row(row[r], n, false))) {
+              detail::throw_invalid_row(function, row[r], n, t[r], options_.score);
+            }
           }
         } else {
           const Compute* row[R];
@@ -786,8 +935,7 @@ class SwitchAuxLoss {
             raw[r] = scratch[r];
           }
         }
-        Compute dots[R];
-        detail::lane_dot_rows<R>(f_compute_.data(), raw, n, dots);
+        if (raw_in_out || !known_max) detail::lane_dot_rows<R>(f_compute_.data(), raw, n, dots);
         for (int r = 0; r < R; ++r) {
           const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t[r])];
           const Compute g_dot_q = dots[r] * norm.inv;  // dot_with_scores
@@ -858,9 +1006,17 @@ class SwitchAuxLoss {
     detail::check_finite_parameter(function, "scale", double(scale));
     detail::check_output_shape(function, "dloss_dlogits", out.rows(), out.cols(), x.rows(),
                                x.cols());
+    if (detail::logits_selection_applies(num_experts_, k_)) {
+      // Phase 1 counts on the logits; phase 2 computes the scores once, for the gradient and
+      // the sums (it completes the sums and L).
+      forward_impl(function, x, mask, nullptr, true);
+      apply_rows<false>(function, x, out, scale, false);
+      return static_cast<Compute>(loss_);
+    }
     if constexpr (std::is_same_v<Out, Compute>) {
-      forward_impl(function, x, mask, &out, true);
-      apply_rows<false>(function, x, out, scale, true);  // completes the sums and L
+      // The raw scores travel from phase 1 to phase 2 in the output buffer.
+      forward_impl(function, x, mask, &out);
+      apply_rows<false>(function, x, out, scale, true);
       return static_cast<Compute>(loss_);
     } else {
       const Compute value = forward_impl(function, x, mask, nullptr);
