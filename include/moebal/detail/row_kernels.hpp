@@ -129,16 +129,23 @@ inline constexpr C kRawGap = C(sizeof(C) == sizeof(float) ? 0x1p-16 : 0x1p-40);
 template <class C>
 inline constexpr C kRawFloor = C(sizeof(C) == sizeof(float) ? 0x1p-90 : 0x1p-865);
 
-/// Whether `count_logits_row` takes rows of n experts with k <= K selected.
+/// Up to this k the Switch loss's forward_backward selects on the logits (`count_logits_row`).
+/// Above it, deeper lane lists and their merge (tried up to k = 16),
+/// run apart from the exponentials, measured slower than the fused forward (k = 8, N = 64,
+/// Zen 3: about 138 against 128 ns per row on one thread).
+inline constexpr Index kLogitsSelectionMaxK = 2;
+
+/// Whether forward_backward selects on the logits: rows of whole exp blocks, k <=
+/// kLogitsSelectionMaxK (and N < 2^30, for the margins).
 inline bool logits_selection_applies(Index n, Index k) {
-  return fused_row_kernel(n) && k >= 1 && k <= kThresholdTopkMaxK && n < (Index(1) << 30);
+  return fused_row_kernel(n) && k >= 1 && k <= kLogitsSelectionMaxK && n < (Index(1) << 30);
 }
 
 /// The Switch loss's top-k and first-choice counts of one row selected on its logits x,
 /// without its scores: the counts of the selection on the scores q_j = raw_j * inv
 /// (`raw_scores_to`; ties to the lower index) whenever the logits decide it. The lane lists of
-/// the threshold method give the row's maximum `top`, the second largest and tau, the k-th
-/// largest logit (with multiplicity); one pass counts counts[j] += [x_j >= tau] + [x_j == top]
+/// the threshold method give the row's maximum `top` and tau, the k-th largest logit (with
+/// multiplicity; for k = 2 the second largest, for k = 1 the second is `next`); one pass counts counts[j] += [x_j >= tau] + [x_j == top]
 /// * kFirstChoiceUnit and checks the row (NaN or +Inf; softmax: top > -Inf); another takes
 /// `next`, the largest logit below tau. The row is counted when exactly k logits are >= tau,
 /// top is unique, and top, second, tau and next are far enough apart that the scores cannot
@@ -154,8 +161,8 @@ inline bool logits_selection_applies(Index n, Index k) {
 ///     >= kRawFloor, raw(top) > raw(second) (1 + g) and raw(tau) > raw(next) (1 + g), g =
 ///     kRawGap (an unselected raw value exceeds raw(next) by 2 ulp at most).
 /// Otherwise the counts are left unchanged (`exact`, or `invalid`). `max_out` receives top,
-/// the row's exact maximum, and `min_out` the smallest logit. n must satisfy `logits_selection_applies(n, k)`, k <= K
-/// (with_topk_depth).
+/// the row's exact maximum, and `min_out` the smallest logit. n must satisfy
+/// `logits_selection_applies(n, k)`, with K = k (1 or 2).
 template <Index K, class C>
 MOEBAL_ALWAYS_INLINE LogitsRow count_logits_row(const C* MOEBAL_RESTRICT x, Index n, Index k,
                                                 ScoreFunction score, C& max_out, C& min_out,
@@ -166,34 +173,27 @@ MOEBAL_ALWAYS_INLINE LogitsRow count_logits_row(const C* MOEBAL_RESTRICT x, Inde
   constexpr Index lanes = Lists::kLanes;
   constexpr C inf = std::numeric_limits<C>::infinity();
   static_assert(kExpBlock % lanes == 0, "exp blocks are made of whole top-k lane blocks");
-  MOEBAL_ASSERT(logits_selection_applies(n, k) && k <= K);
+  static_assert(K == 1 || K == 2, "k = 1 or 2 (kLogitsSelectionMaxK), with K = k");
+  MOEBAL_ASSERT(logits_selection_applies(n, k) && k == K);
   Lists lists;
   Block low = Ops::splat(inf);
   // The first K blocks fill the lists' levels (block b reaches at most level b), the others
   // go through the whole network.
-  Index j = 0;
-  for (Index depth = 0; depth < K && j < n; ++depth, j += lanes) {
-    const Block v = Ops::load(x + j);
+  Index at = 0;
+  for (Index depth = 0; depth < K && at < n; ++depth, at += lanes) {
+    const Block v = Ops::load(x + at);
     low = Ops::min(low, v);
     lists.insert(v, depth);
   }
-  for (; j < n; j += lanes) {
-    const Block v = Ops::load(x + j);
+  for (; at < n; at += lanes) {
+    const Block v = Ops::load(x + at);
     low = Ops::min(low, v);
     lists.insert_full(v);
   }
   min_out = -Ops::largest(-low);
-  C top, tau, second = -inf;
-  if (k == K && K <= 2) {
-    lists.extremes_of_merged(top, tau);  // k = 2: tau is the second largest
-    second = tau;
-  } else {
-    C sorted[K];
-    lists.merged(sorted);
-    top = sorted[0];
-    tau = sorted[k - 1];
-    if constexpr (K >= 2) second = sorted[1];
-  }
+  C top, tau;
+  lists.extremes_of_merged(top, tau);  // k == K: tau is the k-th largest
+  C second = tau;                      // K = 2; K = 1 takes next, below
   max_out = top;
   std::int32_t selected = 0, at_top = 0, bad = 0;
   for (Index j = 0; j < n; ++j) {
@@ -216,7 +216,7 @@ MOEBAL_ALWAYS_INLINE LogitsRow count_logits_row(const C* MOEBAL_RESTRICT x, Inde
   Block below = Ops::splat(-inf);
   for (Index j = 0; j < n; j += lanes) below = Ops::max(below, Ops::below(Ops::load(x + j), bound));
   const C next = Ops::largest(below);
-  if (K == 1) second = next;
+  if constexpr (K == 1) second = next;
   bool decided;
   if (score == ScoreFunction::softmax) {
     const C gap = kLogitsGap<C>;

@@ -199,7 +199,7 @@ SwitchAuxResult<compute_type_t<typename Derived::Scalar>> switch_aux_loss(
 ///   backward: writes (or, `backward_accumulate`, adds) scale * d L / d logits into the
 ///             caller's row-major T x N buffer, recomputing each row's scores from the logits.
 ///   forward_backward: both in two passes. For rows of whole exp blocks (N a multiple of 8, or
-///             of 16 with AVX-512) and k <= 16, the first counts the top-k on the logits (the
+///             of 16 with AVX-512) and k <= 2, the first counts the top-k on the logits (the
 ///             selection on the scores whenever the logits decide it, the scores' exact top-k
 ///             on the rare row they do not: detail::count_logits_row) and the second computes
 ///             each row's scores once, for the gradient and for P; otherwise the output
@@ -422,9 +422,11 @@ class SwitchAuxLoss {
     const auto chunk_body = [&](Lane& lane, Index begin, Index end) {
       // The top-k method's depth is a template parameter: one dispatch per chunk.
       if (defer_sums_) {
-        detail::with_topk_depth(k_, [&](auto depth) {
-          count_chunk_on_logits<decltype(depth)::value>(function, x, mask, lane, begin, end);
-        });
+        if (k_ == 1) {
+          count_chunk_on_logits<1>(function, x, mask, lane, begin, end);
+        } else {
+          count_chunk_on_logits<2>(function, x, mask, lane, begin, end);
+        }
       } else if (k_ <= detail::kThresholdTopkMaxK) {
         detail::with_topk_depth(k_, [&](auto depth) {
           accumulate_chunk<decltype(depth)::value>(function, x, mask, raw_out, lane, begin, end);
