@@ -86,7 +86,8 @@ inline constexpr std::int32_t kTopkCountMask = kFirstChoiceUnit - 1;
 /// kFirstChoiceUnit (the packed counts above) and the result is true; otherwise the counts are
 /// left unchanged and the result is false (the caller then takes the exact method). One loop
 /// that compilers vectorize (the arrays must not overlap).
-template <class C>
+/// `WithSums = false`: the counts alone (sums untouched), for a pass that sums the scores later.
+template <bool WithSums = true, class C>
 MOEBAL_ALWAYS_INLINE bool count_threshold_row(const C* MOEBAL_RESTRICT raw, Index n, Index k,
                                               C inv, C tau, C top,
                                               std::int32_t* MOEBAL_RESTRICT counts,
@@ -98,8 +99,9 @@ MOEBAL_ALWAYS_INLINE bool count_threshold_row(const C* MOEBAL_RESTRICT raw, Inde
     counts[j] += in_topk + is_top * kFirstChoiceUnit;
     sel += in_topk;
     att += is_top;
-    sums[j] += static_cast<double>(q);
+    if constexpr (WithSums) sums[j] += static_cast<double>(q);
   }
+  if constexpr (!WithSums) (void)sums;
   if (sel == k && att == 1) return true;
   for (Index j = 0; j < n; ++j) {
     const C q = raw[j] * inv;

@@ -496,6 +496,37 @@ MOEBAL_ALWAYS_INLINE void score_vjp_row_summing(const C* MOEBAL_RESTRICT raw,
   }
 }
 
+/// `score_vjp_row_summing` for a row whose raw values are in dx itself: each raw_j is read
+/// (and its score added to sums[j]) before it is overwritten by the gradient.
+template <class C>
+MOEBAL_ALWAYS_INLINE void score_vjp_row_summing_in_place(C* MOEBAL_RESTRICT dx,
+                                                         const RowNorm<C>& norm,
+                                                         const C* MOEBAL_RESTRICT g, C g_dot_q,
+                                                         C scale, C z_coef, bool z,
+                                                         ScoreFunction score, Index n,
+                                                         double* MOEBAL_RESTRICT sums) {
+  const C inv = norm.inv;
+  if (z) {
+    for (Index j = 0; j < n; ++j) {
+      const C q = dx[j] * inv;
+      sums[j] += static_cast<double>(q);
+      dx[j] = C(scale * q * (g[j] - g_dot_q) + z_coef * q);
+    }
+  } else if (score == ScoreFunction::softmax) {
+    for (Index j = 0; j < n; ++j) {
+      const C q = dx[j] * inv;
+      sums[j] += static_cast<double>(q);
+      dx[j] = C(scale * q * (g[j] - g_dot_q));
+    }
+  } else {
+    for (Index j = 0; j < n; ++j) {
+      const C raw = dx[j];
+      sums[j] += static_cast<double>(raw * inv);
+      dx[j] = C(scale * (raw * (C(1) - raw) * inv) * (g[j] - g_dot_q));
+    }
+  }
+}
+
 /// `score_vjp_row_summing` for R rows at once (R = 1 or 2) with the same g (g_dot_q[r],
 /// z_coef[r] per row): one loop over the experts, in which row 0's score is added to sums[j]
 /// before row 1's (the sums of the rows taken one after the other) and every element is

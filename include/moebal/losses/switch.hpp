@@ -384,11 +384,13 @@ class SwitchAuxLoss {
   // Blocks of chunks of kSwitchChunkRows rows run on the threads; their partial sums are added
   // to the statistics in block order, so the result does not depend on the thread count.
   //
-  // `defer_sums` (forward_backward, where detail::logits_selection_applies): phase 1 takes the
-  // counts alone, on the logits (count_chunk_on_logits), and phase 2 (apply_rows), which
-  // computes every score anyway, adds the score sums S_i and the z-loss's lse_t^2 in the same
-  // chunk and block order, so they are bitwise those of forward() (finish_sums completes the
-  // statistics and L).
+  // `defer_sums` (forward_backward): phase 1 takes the counts alone and phase 2 (apply_rows),
+  // which reads or computes every score anyway, adds the score sums S_i in the same chunk and
+  // block order, so they are bitwise those of forward() (finish_sums completes the statistics
+  // and L). Logits mode (no raw_out, detail::logits_selection_applies): phase 1 selects on the
+  // logits (count_chunk_on_logits) and phase 2 computes the scores and also takes the
+  // z-loss's lse_t^2. Buffer mode (raw_out, K > 0, rows of whole exp blocks): phase 1 is the
+  // fused forward, leaving the raw scores in raw_out.
   Compute forward_impl(const char* function, const detail::RowInput<Scalar>& x,
                        const TokenMask& mask, RowMatrixRef<Compute>* raw_out,
                        bool defer_sums = false) {
@@ -399,8 +401,10 @@ class SwitchAuxLoss {
     const Index rows = x.rows(), n = num_experts_;
     norms_.resize(static_cast<std::size_t>(rows));
     statistics_.clear();
-    defer_sums_ = defer_sums && detail::logits_selection_applies(n, k_);
-    MOEBAL_ASSERT(!defer_sums_ || raw_out == nullptr);
+    // Logits mode (no buffer) or buffer mode (the scores carried in raw_out), see above.
+    on_logits_ = defer_sums && raw_out == nullptr && detail::logits_selection_applies(n, k_);
+    defer_sums_ = on_logits_ || (defer_sums && raw_out != nullptr &&
+                                 k_ <= detail::kThresholdTopkMaxK && detail::fused_row_kernel(n));
     // Rows -> chunk partials -> block partials (one thread per block) -> the total, blocks in
     // order; counts are exact integers, summed per thread. See detail/parallel.hpp.
     const Index chunks = (rows + detail::kSwitchChunkRows - 1) / detail::kSwitchChunkRows;
@@ -421,7 +425,7 @@ class SwitchAuxLoss {
     }
     const auto chunk_body = [&](Lane& lane, Index begin, Index end) {
       // The top-k method's depth is a template parameter: one dispatch per chunk.
-      if (defer_sums_) {
+      if (on_logits_) {
         if (k_ == 1) {
           count_chunk_on_logits<1>(function, x, mask, lane, begin, end);
         } else {
@@ -441,10 +445,10 @@ class SwitchAuxLoss {
       }
       lane.thread_tokens += lane.chunk_tokens;
     };
-    // (With defer_sums_ the chunk sums stay zero and the z-loss's lse_t are not known yet:
-    // phase 2 takes both by the same blocks.)
+    // (With defer_sums_ the chunk sums stay zero: phase 2 sums the scores by the same blocks;
+    // on the logits the z-loss's lse_t are not known yet either: phase 2 takes them too.)
     for_block_chunks(partition, threads, rows, chunk_body, [&](Lane&, Index block) {
-      if (use_z && !defer_sums_) sum_block_z(partition, block, rows);
+      if (use_z && !on_logits_) sum_block_z(partition, block, rows);
     });
     double& tokens = statistics_.mutable_tokens();
     auto counts = statistics_.mutable_counts();
@@ -593,10 +597,12 @@ class SwitchAuxLoss {
       // If exactly k scores are >= tau and the maximum is unique (no tie around the top k),
       // the selection is {j : q_j >= tau} and the first choice the maximum: counted in the
       // same pass as the score sums (exact packed int32 counts: a chunk counts at most 512).
-      if (detail::count_threshold_row(raw, n, k_, inv, tau, top, cc, cs)) {
+      if (defer_sums_ ? detail::count_threshold_row<false>(raw, n, k_, inv, tau, top, cc, cs)
+                      : detail::count_threshold_row<true>(raw, n, k_, inv, tau, top, cc, cs)) {
         return;
       }
     } else {
+      MOEBAL_ASSERT(!defer_sums_);
       (void)tau;  // no threshold search
       (void)top;
     }
@@ -692,9 +698,9 @@ class SwitchAuxLoss {
   // Phase 1's mark of a real row that needs no flush (norms_[t].inv, until phase 2).
   static constexpr Compute kNoFlush = Compute(2);
 
-  // One chunk of the phase 1 of a forward_backward that defers the score sums (defer_sums_):
-  // the counts alone, selected on the logits (count_logits_row) and, for the rare row the
-  // logits do not decide, by the exact method on the scores. Each real row's maximum is kept
+  // One chunk of phase 1 in logits mode (on_logits_): the counts alone, selected on the
+  // logits (count_logits_row) and, for the rare row the logits do not decide, by the exact
+  // method on the scores. Each real row's maximum is kept
   // in norms_ (inv = 1 or kNoFlush until phase 2 computes the normalizer) for phase 2.
   template <Index K>
   void count_chunk_on_logits(const char* function, const detail::RowInput<Scalar>& x,
@@ -806,6 +812,44 @@ class SwitchAuxLoss {
     const double z_factor =
         z_weight_ != 0.0 && tokens > 0 ? double(scale) * z_weight_ * 2.0 / tokens : 0.0;
     MOEBAL_ASSERT(z_factor == 0.0 || options_.score == ScoreFunction::softmax);
+    if (sums_pending_ && !on_logits_) {
+      // Buffer mode: phase 1 left the score sums to this pass and the raw scores in the
+      // output buffer: the gradient and the sums from them, by blocks of chunks as phase 1
+      // takes them (a zeroed chunk sum per chunk, rows in order; chunk sums into the block's in
+      // order; blocks in order in finish_sums), so S_i is bitwise phase 1's.
+      if constexpr (std::is_same_v<Out, Compute> && !Accumulate) {
+        MOEBAL_ASSERT(raw_in_out);
+        const detail::BlockPartition partition(chunks);
+        const int block_threads = detail::threads_for(partition.blocks);
+        ensure_lanes(block_threads);
+        const auto chunk_body = [&](Lane& lane, Index begin, Index end) {
+          lane.chunk_sums.setZero();
+          for (Index t = begin; t < end; ++t) {
+            Out* dx = out.data() + t * out.outerStride();
+            const detail::RowNorm<Compute>& norm = norms_[static_cast<std::size_t>(t)];
+            if (norm.inv == Compute(0)) {  // padded token
+              std::fill(dx, dx + n, Out(0));
+              continue;
+            }
+            const Compute* raw[1] = {dx};
+            Compute dot[1];
+            detail::lane_dot_rows<1>(f_compute_.data(), raw, n, dot);
+            const Compute g_dot_q = dot[0] * norm.inv;  // dot_with_scores
+            const Compute c =
+                z_factor != 0.0 ? static_cast<Compute>(z_factor * double(lse_of(norm)))
+                                : Compute(0);
+            detail::score_vjp_row_summing_in_place(dx, norm, f_compute_.data(), g_dot_q, factor,
+                                                   c, z_factor != 0.0, options_.score, n,
+                                                   lane.chunk_sums.data());
+          }
+        };
+        for_block_chunks(partition, block_threads, rows, chunk_body, [](Lane&, Index) {});
+        finish_sums();
+        return;
+      } else {
+        MOEBAL_ASSERT(false);
+      }
+    }
     if (sums_pending_) {
       // Phase 1 counted on the logits and left the scores to this pass (forward_impl's
       // defer_sums): each real row's scores are computed from the logits (the maximum known
@@ -1016,9 +1060,10 @@ class SwitchAuxLoss {
       return static_cast<Compute>(loss_);
     }
     if constexpr (std::is_same_v<Out, Compute>) {
-      // The raw scores travel from phase 1 to phase 2 in the output buffer.
-      forward_impl(function, x, mask, &out);
-      apply_rows<false>(function, x, out, scale, true);
+      // The raw scores travel from phase 1 to phase 2 in the output buffer (for rows of whole
+      // exp blocks and k <= 16, phase 2 also sums them: buffer mode).
+      forward_impl(function, x, mask, &out, true);
+      apply_rows<false>(function, x, out, scale, true);  // completes the sums and L
       return static_cast<Compute>(loss_);
     } else {
       const Compute value = forward_impl(function, x, mask, nullptr);
@@ -1045,7 +1090,10 @@ class SwitchAuxLoss {
   Index blocks_ = 0;                                // blocks of chunks of the last forward
   // Phase 1 takes the counts alone and phase 2 the score sums (forward_impl's defer_sums);
   // sums_pending_: the last forward's sums and L wait for that phase 2.
+  // on_logits_: phase 1 selected on the logits (logits mode); otherwise, with defer_sums_,
+  // the scores are carried in the output buffer (buffer mode).
   bool defer_sums_ = false;
+  bool on_logits_ = false;
   bool sums_pending_ = false;
   double loss_ = 0.0;
 };
